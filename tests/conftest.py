@@ -1,0 +1,70 @@
+"""Fixtures shared by every test: nothing a test starts may outlive it."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import psutil
+import pytest
+
+SHM_DIR = "/dev/shm"
+
+
+def zerogpu_segments() -> set[str]:
+    try:
+        return {name for name in os.listdir(SHM_DIR) if name.startswith("zerogpu-")}
+    except FileNotFoundError:
+        return set()
+
+
+def live_children() -> list[psutil.Process]:
+    children = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE:
+                children.append(child)
+        except psutil.NoSuchProcess:
+            pass
+    return children
+
+
+@pytest.fixture(autouse=True)
+def no_leaks(request):
+    """Fail a test that leaves a child process or a shared-memory segment behind."""
+    before = zerogpu_segments()
+    yield
+    if request.node.get_closest_marker("allow_leaks"):
+        return
+    # Give processes that were killed at the very end of a test a moment to go.
+    deadline = time.monotonic() + 5
+    while (children := live_children()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    for child in children:
+        child.kill()
+    leaked = zerogpu_segments() - before
+    for name in leaked:
+        os.unlink(os.path.join(SHM_DIR, name))
+    assert not children, f"child processes outlived the test: {[c.pid for c in children]}"
+    assert not leaked, f"shared-memory segments outlived the test: {sorted(leaked)}"
+
+
+def gpu_visible() -> bool:
+    """Whether an NVIDIA GPU is present, asked of the driver's files, not of CUDA."""
+    try:
+        return bool(os.listdir("/proc/driver/nvidia/gpus"))
+    except OSError:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    if gpu_visible():
+        return
+    skip = pytest.mark.skip(reason="needs a real CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "allow_leaks: the test checks leaks itself")

@@ -1,0 +1,2 @@
+"""The compiled copy engine (private)."""
+from ._engine import *  # noqa: F401,F403
