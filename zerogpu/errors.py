@@ -103,6 +103,10 @@ class SchedulerError(ZeroGPUError):
     """The scheduler (embedded or the node daemon) refused or failed a request."""
 
 
+class Cancelled(ZeroGPUError):
+    """The caller gave up on the call (cancelled task, closed generator) before it ended."""
+
+
 __all__ = [
     "ZeroGPUError",
     "InvalidArgument",
@@ -119,4 +123,5 @@ __all__ = [
     "NoGPUAvailable",
     "QuotaExceeded",
     "SchedulerError",
+    "Cancelled",
 ]

@@ -1,0 +1,97 @@
+"""What the environment says: every ZEROGPU_* variable is read here and only here.
+
+Settings are read when asked for, not at import, so a test or `zerogpu run`
+can change the environment before the first call.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .errors import InvalidArgument
+
+TRUE_WORDS = {"1", "true", "yes", "on"}
+FALSE_WORDS = {"", "0", "false", "no", "off"}
+BACKENDS = ("cuda", "emulated")
+
+
+def flag(name: str, default: bool = False) -> bool:
+    """A boolean variable: 1/true/yes/on or 0/false/no/off."""
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    word = value.strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise InvalidArgument(f"{name}={value!r} is not a boolean: use 1 or 0")
+
+
+def number(name: str, default: float, *, minimum: float = 0.0) -> float:
+    """A non-negative number of seconds, bytes or items."""
+    value = os.environ.get(name)
+    if value is None or value.strip() == "":
+        return default
+    try:
+        parsed = float(value)
+    except ValueError:
+        raise InvalidArgument(f"{name}={value!r} is not a number") from None
+    if parsed < minimum:
+        raise InvalidArgument(f"{name}={value!r} must be at least {minimum:g}")
+    return parsed
+
+
+def enabled() -> bool:
+    """ZEROGPU=1 turns the decorator on; otherwise it returns functions unchanged."""
+    return flag("ZEROGPU")
+
+
+def backend() -> str | None:
+    """ZEROGPU_BACKEND: 'cuda' or 'emulated'; None lets zerogpu pick (cuda when a GPU is visible)."""
+    value = os.environ.get("ZEROGPU_BACKEND", "").strip().lower()
+    if not value:
+        return None
+    if value not in BACKENDS:
+        raise InvalidArgument(f"ZEROGPU_BACKEND={value!r} is unknown: use 'cuda' or 'emulated'")
+    return value
+
+
+def emulated_gpus() -> int:
+    """ZEROGPU_EMULATED_GPUS: how many devices the emulated backend declares (default 1)."""
+    return int(number("ZEROGPU_EMULATED_GPUS", 1, minimum=1))
+
+
+def idle_timeout() -> float:
+    """ZEROGPU_IDLE_TIMEOUT: seconds a worker stays warm after a call (0: exit at once)."""
+    return number("ZEROGPU_IDLE_TIMEOUT", 0.0)
+
+
+def queue_timeout() -> float:
+    """ZEROGPU_QUEUE_TIMEOUT: seconds a call waits for a GPU before NoGPUAvailable."""
+    return number("ZEROGPU_QUEUE_TIMEOUT", 60.0)
+
+
+def timeout_grace() -> float:
+    """ZEROGPU_TIMEOUT_GRACE: seconds a call may run past its duration before it is killed."""
+    return number("ZEROGPU_TIMEOUT_GRACE", 5.0)
+
+
+def scheduler_socket() -> str | None:
+    """ZEROGPU_SCHEDULER: the node daemon's unix socket; unset means the embedded scheduler."""
+    return os.environ.get("ZEROGPU_SCHEDULER") or None
+
+
+def emulated_faults() -> str:
+    """ZEROGPU_EMULATED_FAULTS: faults the emulated engine injects, for tests (see zerogpu.engine)."""
+    return os.environ.get("ZEROGPU_EMULATED_FAULTS", "")
+
+
+def data_dir() -> Path:
+    """ZEROGPU_DATA_DIR, else $XDG_DATA_HOME/zerogpu, else ~/.local/share/zerogpu."""
+    explicit = os.environ.get("ZEROGPU_DATA_DIR")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "zerogpu"
