@@ -78,6 +78,11 @@ def timeout_grace() -> float:
     return number("ZEROGPU_TIMEOUT_GRACE", 5.0)
 
 
+def cuda_visible_devices() -> str | None:
+    """CUDA_VISIBLE_DEVICES, CUDA's own list of the GPUs this process may use; None when unset."""
+    return os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
 def scheduler_socket() -> str | None:
     """ZEROGPU_SCHEDULER: the node daemon's unix socket; unset means the embedded scheduler."""
     return os.environ.get("ZEROGPU_SCHEDULER") or None
