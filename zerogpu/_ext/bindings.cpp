@@ -240,7 +240,7 @@ NB_MODULE(_engine, m) {
   m.def("emulated_faults", [] { return to_dict(emulated::faults()); });
   m.def("emulated_resources", [] { return to_dict(emulated::resources()); },
         "Live objects of the emulated driver, by kind.");
-  m.def("configure_emulation", &emulated::configure, "devices"_a, "memory_bytes"_a,
-        "How many devices the emulated driver reports, and the memory of each.");
+  m.def("configure_emulation", &emulated::configure, "devices"_a,
+        "How many devices the emulated driver reports (1 to 64).");
   m.def("live_workers", &live_workers, "Restore worker threads alive in this process.");
 }

@@ -287,11 +287,10 @@ Resources resources() {
   return r;
 }
 
-void configure(int devices, size_t memory_bytes) {
+void configure(int devices) {
   State& s = state();
   std::lock_guard lock(s.mutex);
   s.devices = devices < 1 ? 1 : (devices > kMaxDevices ? kMaxDevices : devices);
-  s.memory = memory_bytes;
 }
 
 }  // namespace zerogpu::emulated

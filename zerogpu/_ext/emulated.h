@@ -51,7 +51,7 @@ struct Resources {
 void set_faults(const Faults& faults);
 Faults faults();
 Resources resources();
-// How many devices the driver reports and how much memory each has.
-void configure(int devices, size_t memory_bytes);
+// How many devices the driver reports (each has the host's memory size).
+void configure(int devices);
 
 }  // namespace zerogpu::emulated
