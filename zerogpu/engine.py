@@ -435,11 +435,18 @@ def restore_snapshot(
             # on torch's stream still use; the engine's streams do not wait for them.
             torch.cuda.current_stream(buffer.device).synchronize()
         try:
+            # By address, so that no frame of a failure's traceback holds the buffer.
             stats = engine.restore(
-                address, buffer, nbytes, strategy=strategy, chunk_bytes=chunk_bytes, streams=streams, threads=threads
+                address,
+                buffer.data_ptr(),
+                nbytes,
+                strategy=strategy,
+                chunk_bytes=chunk_bytes,
+                streams=streams,
+                threads=threads,
             )
         except BaseException:
-            del buffer
+            del buffer  # a failed restore's memory is freed now, never handed out
             raise
         return buffer, snapshot.views(buffer), stats
     finally:

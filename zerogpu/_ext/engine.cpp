@@ -263,6 +263,7 @@ void Engine::close() {
 }
 
 double Engine::prepare_streams(int count) {
+  if (streams_.size() >= static_cast<size_t>(count)) return 0;
   const auto start = Clock::now();
   while (streams_.size() < static_cast<size_t>(count)) {
     CUstream stream = nullptr;
