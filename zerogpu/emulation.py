@@ -623,10 +623,13 @@ def _leave_mode() -> None:
 # --- the patched functions ----------------------------------------------------
 
 
-def _make_subclass(cls, data, *args, **kwargs):
+def _make_subclass(cls, data, requires_grad=False, **kwargs):
     # Parameter(t) and Buffer-like subclasses wrap t's data in a new object
-    # without a torch function call; the wrapper lives where t does.
-    tensor = _ORIGINAL_MAKE_SUBCLASS(cls, data, *args, **kwargs)
+    # without a torch function call; the wrapper lives where t does. The
+    # signature is the one torch._dynamo checks when it is imported; torch
+    # names the flag `require_grad`, which callers may pass by keyword.
+    kwargs.setdefault("require_grad", requires_grad)
+    tensor = _ORIGINAL_MAKE_SUBCLASS(cls, data, **kwargs)
     index = _registry.index(data)
     if index is not None:
         _registry.set(tensor, index)
@@ -634,14 +637,21 @@ def _make_subclass(cls, data, *args, **kwargs):
 
 
 def _swap_tensors(t1: torch.Tensor, t2: torch.Tensor) -> None:
-    # swap_tensors exchanges what two Python objects hold, marks included.
+    # swap_tensors exchanges what two Python objects hold, marks included. It
+    # refuses tensors with weak references, so the registry lets go first.
     first, second = _registry.index(t1), _registry.index(t2)
-    _ORIGINAL_SWAP_TENSORS(t1, t2)
-    for tensor, index in ((t1, second), (t2, first)):
-        if index is None:
-            _registry.discard(tensor)
-        else:
-            _registry.set(tensor, index)
+    _registry.discard(t1)
+    _registry.discard(t2)
+    swapped = False
+    try:
+        _ORIGINAL_SWAP_TENSORS(t1, t2)
+        swapped = True
+    finally:
+        if swapped:
+            first, second = second, first
+        for tensor, index in ((t1, first), (t2, second)):
+            if index is not None:
+                _registry.set(tensor, index)
 
 
 def _bootstrap_inner(thread: threading.Thread) -> None:
