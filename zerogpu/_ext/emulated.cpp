@@ -1,5 +1,7 @@
 #include "emulated.h"
 
+#include "host_copy.h"
+
 #include <pthread.h>
 #include <unistd.h>
 
@@ -175,23 +177,23 @@ CUresult copy_to_device(void* dst, const void* src, size_t bytes,
     return static_cast<size_t>(limit > start ? limit - start : 0);
   };
   if (faults.fail_after_bytes >= 0 && end > faults.fail_after_bytes) {
-    std::memcpy(dst, src, part_before(faults.fail_after_bytes));
+    copy_streaming(dst, src, part_before(faults.fail_after_bytes));
     return CUDA_ERROR_ILLEGAL_ADDRESS;
   }
   if (faults.hang_after_bytes >= 0 && end > faults.hang_after_bytes) {
     const size_t first = part_before(faults.hang_after_bytes);
-    std::memcpy(dst, src, first);
+    copy_streaming(dst, src, first);
     {
       std::unique_lock lock(s.mutex);
       s.faults_changed.wait(lock, [&] {
         return s.faults_generation != generation || (stopping && stopping->load());
       });
     }
-    std::memcpy(static_cast<char*>(dst) + first, static_cast<const char*>(src) + first,
+    copy_streaming(static_cast<char*>(dst) + first, static_cast<const char*>(src) + first,
                 bytes - first);
     return CUDA_SUCCESS;
   }
-  std::memcpy(dst, src, bytes);
+  copy_streaming(dst, src, bytes);
   return CUDA_SUCCESS;
 }
 

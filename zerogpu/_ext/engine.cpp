@@ -1,11 +1,12 @@
 #include "engine.h"
 
+#include "host_copy.h"
+
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
 #include <chrono>
-#include <cstring>
 #include <deque>
 #include <exception>
 #include <thread>
@@ -400,7 +401,7 @@ void Engine::copy_staged(const char* src, CUdeviceptr dst, size_t nbytes,
         const size_t offset = i * chunk;
         const size_t bytes = std::min(chunk, nbytes - offset);
         auto [slot, copy] = slots.next();
-        std::memcpy(slot, src + offset, bytes);
+        copy_streaming(slot, src + offset, bytes);
         device_->check(device_->api().cuMemcpyHtoDAsync_v2(dst + offset, slot, bytes, stream),
                        "cuMemcpyHtoDAsync_v2");
         copy->queued_on(stream);
