@@ -295,7 +295,7 @@ class EmbeddedScheduler(Scheduler):
         with self._lock:
             late = [w for w in self._waiters.values() if w.deadline <= now]
         for waiter in late:
-            self.withdraw(waiter, self._no_gpu(waiter.request, now - waiter.arrival))
+            self.withdraw(waiter, self._no_gpu(waiter.request, waiter.deadline - waiter.arrival))
         return len(late)
 
     def release(self, lease: Lease, *, used: float, charge: bool = True,
@@ -389,6 +389,20 @@ class EmbeddedScheduler(Scheduler):
                 if waiter.owner == old:
                     waiter.owner = new
         return len(moved)
+
+    def lease(self, lease_id: int) -> Lease:
+        """The lease handed out under `lease_id`; SchedulerError if none is."""
+        with self._lock:
+            held = self._held.get(lease_id)
+        if held is None:
+            raise SchedulerError(f"lease {lease_id} is not held here")
+        return held.lease
+
+    def holder(self, lease_id: int) -> tuple[Hashable, Owner] | None:
+        """Who holds `lease_id` and for which process (None when nobody does)."""
+        with self._lock:
+            held = self._held.get(lease_id)
+        return None if held is None else (held.owner, held.process)
 
     def owners(self) -> set[Hashable]:
         """Everyone who holds a lease or waits for one."""
@@ -693,13 +707,14 @@ class EmbeddedScheduler(Scheduler):
             log.exception("could not drop the quota reservation of lease %s", lease_id)
 
     def _no_gpu(self, request: LeaseRequest, waited: float) -> NoGPUAvailable:
+        """The error of a call still in the queue after `waited` seconds."""
         with self._lock:
             busy = sum(cell is not None for row in self._cells for cell in row)
-            waiting = len(self._waiters)
+            others = max(len(self._waiters) - 1, 0)
         total = len(self.devices) * self.policy.large_per_gpu
         return NoGPUAvailable(
             f"no GPU became free for {describe(request)} within {waited:g} s "
-            f"({busy} of {total} GPU slices busy, {waiting} other calls waiting); "
+            f"({busy} of {total} GPU slices busy, {others} more calls waiting); "
             "try again later, ask for a shorter duration, or raise ZEROGPU_QUEUE_TIMEOUT"
         )
 
