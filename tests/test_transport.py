@@ -474,6 +474,43 @@ def test_emulated_cuda_tensors_are_rebuilt_on_the_worker_device(channels, monkey
         assert torch.equal(returned[name], tensor)
 
 
+def test_with_zerogpu_emulation_device_tensors_stay_on_the_emulated_device(channels):
+    emulation = pytest.importorskip("zerogpu.emulation")
+    parent_end, worker_end = channels
+
+    def worker():  # patched only in the child, so this test process keeps an unpatched torch
+        emulation.patch()
+        weights = torch.arange(8 * MiB // 4, dtype=torch.float32).to("cuda")
+        parameter = torch.nn.Parameter(torch.ones(3).cuda())
+        message = {"weights": weights, "head": weights[:10], "parameter": parameter, "plain": torch.ones(2)}
+        moved = loads(dumps(message, to_device=True))
+        returned = loads(dumps(message, to_device=False))
+        worker_end.send(
+            {
+                "moved": {name: (emulation.is_cuda(tensor), str(tensor.device)) for name, tensor in moved.items()},
+                "returned": {name: emulation.is_cuda(tensor) for name, tensor in returned.items()},
+                "parameter": type(moved["parameter"]).__name__,
+                "shared": moved["head"].untyped_storage().data_ptr() == moved["weights"].untyped_storage().data_ptr(),
+                "equal": all(torch.equal(moved[name].cpu(), message[name].cpu()) for name in message),
+                "result": returned["weights"],
+            },
+            to_device=False,
+        )
+
+    with forked(worker, worker_end) as pid:
+        report = parent_end.recv(timeout=60)
+        assert wait_exit(pid) == 0
+    assert report["moved"] == {
+        "weights": (True, "cuda:0"),
+        "head": (True, "cuda:0"),
+        "parameter": (True, "cuda:0"),
+        "plain": (False, "cpu"),
+    }
+    assert report["returned"] == {"weights": False, "head": False, "parameter": False, "plain": False}
+    assert report["parameter"] == "Parameter" and report["shared"] and report["equal"]
+    assert torch.equal(report["result"], torch.arange(8 * MiB // 4, dtype=torch.float32))
+
+
 def test_without_emulation_no_tensor_is_a_device_tensor(monkeypatch):
     monkeypatch.delitem(sys.modules, "zerogpu.emulation", raising=False)
     tensor = torch.randn(8 * MiB // 4)
@@ -530,6 +567,14 @@ def test_unpicklable_variable_of_a_closure_is_named():
 def test_object_whose_reduce_fails_is_named_with_the_reason():
     with pytest.raises(SerializationError, match=r"result\.inner \(a test_transport.Unpicklable\).*refuses"):
         dumps(types.SimpleNamespace(inner=Unpicklable()), to_device=False, what="result")
+
+
+def test_too_deeply_nested_value_says_so():
+    nested: list = []
+    for _ in range(100_000):
+        nested = [nested]
+    with pytest.raises(SerializationError, match="result is nested too deeply to be pickled"):
+        dumps(nested, to_device=False, what="result")
 
 
 def test_unpicklable_result_fails_in_the_worker_with_its_type(channels):
@@ -829,10 +874,15 @@ def test_a_tensor_reaching_past_the_bytes_sent_is_refused():
         loads(forged)
 
 
-def test_a_table_naming_a_foreign_segment_is_refused():
-    head = transport.pickle.dumps([(0, 16, 16, "/zerogpu-1-snapshot")])
+@pytest.mark.parametrize(
+    "entry",
+    [(0, 16, 16, "/zerogpu-1-0123abcd"), (0, 16, 2**50, None), (-16, 16, 16, None), (0, "16", 16, None), "entry"],
+    ids=["foreign segment", "huge buffer", "negative offset", "not a number", "not an entry"],
+)
+def test_a_corrupt_storage_table_is_refused(entry):
+    head = transport.pickle.dumps([entry])
     with pytest.raises(SerializationError, match="table of a message is corrupt"):
-        loads(transport.PREFIX.pack(transport.MAGIC, len(head)) + head)
+        loads(transport.PREFIX.pack(transport.MAGIC, len(head)) + head + bytes(16))
 
 
 def test_send_to_a_closed_peer_raises_eof_and_releases_segments(channels):

@@ -67,6 +67,7 @@ SMALL_FRAME = 2**20
 WRITE_CHUNK = 2**26
 EMULATION_MODULE = "zerogpu.emulation"
 SEGMENT_NAME = re.compile(r"/zerogpu-\d+-msg[0-9a-f]+")
+MAX_WALK = 100  # how deep an error looks for the part of an object that cannot be pickled
 
 
 # -- messages ------------------------------------------------------------------------------
@@ -174,7 +175,9 @@ def _read_table(view: memoryview) -> tuple[list[tuple[int, int, int, str | None]
     try:
         table = pickle.loads(view[PREFIX.size : offset])
         for lo, nbytes, size, name in table:
-            if not (0 <= nbytes <= size and lo >= 0 and (name is None or SEGMENT_NAME.fullmatch(name))):
+            if not (lo >= 0 and nbytes >= 0 and size == _round_up(nbytes, ALIGN)):
+                raise ValueError(f"bad entry {(lo, nbytes, size, name)!r}")
+            if name is not None and not SEGMENT_NAME.fullmatch(name):
                 raise ValueError(f"bad entry {(lo, nbytes, size, name)!r}")
     except Exception as exc:
         raise SerializationError(f"the storage table of a message is corrupt: {exc}") from exc
@@ -432,7 +435,13 @@ def _tensor(
     itemsize = dtype.itemsize
     offset, misaligned = divmod(start - span.lo, itemsize)
     extent = _extent_of(shape, stride) * itemsize
-    if misaligned or offset < 0 or (extent and start + extent > span.lo + span.nbytes):
+    if (
+        misaligned
+        or offset < 0
+        or len(shape) != len(stride)
+        or any(step < 0 for step in stride)
+        or (extent and start + extent > span.lo + span.nbytes)
+    ):
         raise SerializationError(
             f"a {dtype} tensor of shape {list(shape)} lies outside the bytes sent for it: the message is corrupt"
         )
@@ -500,11 +509,16 @@ def _unpicklable(obj: Any, what: str, exc: Exception, to_device: bool) -> Serial
             return False
         return True
 
+    # cloudpickle turns a RecursionError into a PicklingError caused by it.
+    if isinstance(exc, RecursionError) or isinstance(exc.__cause__, RecursionError):
+        return SerializationError(
+            f"{what} is nested too deeply to be pickled ({_describe_exception(exc)}); flatten it"
+        )
     where, culprit = what, obj
     seen = {id(obj)}
     # Walk down while some part fails on its own; the last one is the offender. This runs
     # only after pickling failed, and pickle's own error names a type but not a place.
-    while True:
+    for _ in range(MAX_WALK):
         for place, part in _parts(culprit, where):
             if id(part) not in seen and not pickles(part):
                 seen.add(id(part))
@@ -581,9 +595,9 @@ class ExceptionPayload:
 class RemoteTraceback(ZeroGPUError):
     """The worker's formatted traceback, chained as the cause of an exception it raised."""
 
-    def __init__(self, traceback: str):
-        super().__init__(traceback)
-        self.traceback = traceback
+    def __init__(self, text: str):
+        super().__init__(text)
+        self.traceback = text
 
     def __str__(self) -> str:
         return self.traceback
