@@ -349,7 +349,8 @@ def test_parameters_stay_parameters_with_their_flags_and_attributes():
     frozen = torch.nn.Parameter(torch.randn(2), requires_grad=False)
     leaf = torch.randn(5, requires_grad=True)
     computed = leaf * 2
-    got = loads(dumps({"weight": weight, "frozen": frozen, "twice": (weight, weight), "computed": computed}, to_device=False))
+    message = {"weight": weight, "frozen": frozen, "twice": (weight, weight), "computed": computed}
+    got = loads(dumps(message, to_device=False))
     assert isinstance(got["weight"], torch.nn.Parameter) and got["weight"].requires_grad
     assert got["weight"].tag == "tied"
     assert got["twice"][0] is got["weight"] and got["twice"][1] is got["weight"]
@@ -808,6 +809,26 @@ def test_large_frames_cross_the_socket_in_both_directions(channels):
         parent_end.send(blob, to_device=True)
         assert parent_end.recv(timeout=30) == blob
         assert wait_exit(pid) == 0
+
+
+def test_signals_during_send_and_recv_do_not_break_frames(channels):
+    parent_end, worker_end = channels
+    blob = os.urandom(32 * MiB)  # larger than the socket buffer: both sides block many times
+    interrupted = []
+    previous = signal.signal(signal.SIGALRM, lambda signum, frame: interrupted.append(signum))
+    signal.setitimer(signal.ITIMER_REAL, 0.001, 0.001)
+    try:
+        sender = threading.Thread(target=lambda: (time.sleep(0.05), worker_end.send(blob, to_device=False)))
+        sender.start()
+        got = parent_end.recv(timeout=60)
+        sender.join()
+        with pytest.raises(TimeoutError):
+            parent_end.recv(timeout=0.05)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert got == blob
+    assert interrupted, "no signal arrived while the frame was in flight"
 
 
 def test_an_oversized_frame_header_is_refused_without_allocating():

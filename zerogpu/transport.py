@@ -39,7 +39,7 @@ import time
 import traceback
 import types
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import cloudpickle
 import posix_ipc
@@ -564,7 +564,7 @@ class _Discard:
 
 
 def _a(cls: type) -> str:
-    name = cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    name = _qualified_name(cls)
     return f"an {name}" if name[0].lower() in "aeiou" else f"a {name}"
 
 
@@ -631,9 +631,12 @@ def rebuild_exception(payload: ExceptionPayload) -> BaseException:
             candidate = loads(payload.pickled)
         except Exception:
             candidate = None
-        if isinstance(candidate, BaseException) and _qualified_name(type(candidate)) == payload.type_name:
-            if _text(candidate) == payload.message:
-                rebuilt = candidate
+        if (
+            isinstance(candidate, BaseException)
+            and _qualified_name(type(candidate)) == payload.type_name
+            and _text(candidate) == payload.message
+        ):
+            rebuilt = candidate
     if rebuilt is None:
         rebuilt = RemoteError(payload.type_name, payload.message, payload.traceback)
     rebuilt.__cause__ = cause
