@@ -17,6 +17,11 @@ None) or in the named segment. Tensors in the pickle refer to their entry by
 index and keep their byte offset in the sender's storage, so tensors that
 shared a storage share one again after `loads()`.
 
+From worker to caller, classes and functions of `__main__` travel by name, not
+by value as cloudpickle would send them: the caller is the process the worker
+was forked from, so it has them, and `except MyError:` there catches the
+caller's own class.
+
 `Channel` frames messages over a connected SOCK_STREAM socket: an 8-byte
 little-endian length, then the payload. Exceptions raised in the worker travel
 as an `ExceptionPayload` and are rebuilt with `rebuild_exception`.
@@ -657,8 +662,9 @@ def _qualified_name(cls: type) -> str:
 class Channel:
     """Messages over a connected SOCK_STREAM socket: an 8-byte little-endian length, then the payload.
 
-    One thread may send while another receives. A `recv` that times out in the
-    middle of a frame keeps what it read, and the next `recv` goes on from there.
+    The channel owns the socket: it makes it blocking and closes it. One thread
+    may send while another receives. A `recv` that times out in the middle of a
+    frame keeps what it read, and the next `recv` goes on from there.
     """
 
     def __init__(self, sock: socket.socket):
