@@ -267,6 +267,20 @@ def test_device_memory_is_accounted(device):
     assert live()["allocations"] == 0
 
 
+def test_memory_already_registered_elsewhere_is_copied_and_left_registered(device):
+    src = random_bytes(16 * 4096)
+    dst = np.zeros_like(src)
+    page = -(-src.ctypes.data // 4096) * 4096
+    device.host_register(page + 4096, 2 * 4096)  # someone else locked part of the source
+    try:
+        with Engine("emulated") as engine:
+            engine.restore(src, dst, strategy="register", chunk_bytes=4096)
+        assert np.array_equal(dst, src)
+        assert live()["registrations"] == 1  # theirs, still there
+    finally:
+        device.host_unregister(page + 4096)
+
+
 # --- faults through a restore --------------------------------------------------------------
 
 CHUNK = 64 * KiB

@@ -134,6 +134,9 @@ class RegisteredChunks {
 
   bool full() const { return in_flight_.size() >= kRegisteredAhead; }
   // Registers [address, address + bytes); the chunk's copy is queued next.
+  // Memory that something else in the process already page-locked is copied
+  // as it is and left registered: the copy is correct either way (the driver
+  // stages whatever part is not locked), and the registration is not ours.
   PendingCopy& add(void* address, size_t bytes) {
     std::unique_ptr<PendingCopy> copy;
     if (spare_.empty()) {
@@ -146,15 +149,16 @@ class RegisteredChunks {
     const CUresult result =
         device_.api().cuMemHostRegister_v2(address, bytes, device_.register_flags());
     seconds_ += seconds_since(start);
-    if (result != CUDA_SUCCESS) {
+    const bool ours = result == CUDA_SUCCESS;
+    if (!ours && result != CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED) {
       spare_.push_back(std::move(copy));
       device_.check(result, "cuMemHostRegister_v2");
     }
-    in_flight_.push_back({address, std::move(copy)});
+    in_flight_.push_back({address, ours, std::move(copy)});
     return *in_flight_.back().copy;
   }
-  // Waits for the oldest chunk's copy and unregisters it; throws the first
-  // error after the chunk is released.
+  // Waits for the oldest chunk's copy and unregisters it (if this engine
+  // registered it); throws the first error after the chunk is released.
   void retire_oldest() {
     Chunk chunk = std::move(in_flight_.front());
     in_flight_.pop_front();
@@ -164,9 +168,12 @@ class RegisteredChunks {
     } catch (...) {
       waited = std::current_exception();
     }
-    const auto start = Clock::now();
-    const CUresult result = device_.api().cuMemHostUnregister(chunk.address);
-    seconds_ += seconds_since(start);
+    CUresult result = CUDA_SUCCESS;
+    if (chunk.ours) {
+      const auto start = Clock::now();
+      result = device_.api().cuMemHostUnregister(chunk.address);
+      seconds_ += seconds_since(start);
+    }
     spare_.push_back(std::move(chunk.copy));
     if (waited) std::rethrow_exception(waited);
     device_.check(result, "cuMemHostUnregister");
@@ -186,6 +193,7 @@ class RegisteredChunks {
  private:
   struct Chunk {
     void* address;
+    bool ours;  // registered by this engine, so unregistered by it
     std::unique_ptr<PendingCopy> copy;
   };
   const DeviceContext& device_;
