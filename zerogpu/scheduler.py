@@ -133,13 +133,13 @@ class Held:
 class Waiter:
     """A call admitted against its quota and waiting for capacity.
 
-    `on_done(waiter)` is called once, outside the scheduler's lock, when the
-    call got `lease` or left the queue with `error` (unless it was granted
-    at once by submit(), which then returns it with `lease` set).
+    When the call got `lease` or left the queue with `error`, `done` is set
+    and `on_done(waiter)` called, once and outside the scheduler's lock
+    (unless it was granted at once by submit(), which returns it with `lease` set).
     """
 
     __slots__ = ("request", "lease_id", "owner", "process", "left", "arrival", "seq", "deadline",
-                 "on_done", "lease", "error", "granted_at")
+                 "on_done", "done", "lease", "error", "granted_at")
 
     def __init__(self, request: LeaseRequest, lease_id: int, owner: Hashable, process: Owner,
                  left: float, arrival: float, seq: int, deadline: float,
@@ -153,6 +153,7 @@ class Waiter:
         self.seq = seq
         self.deadline = deadline
         self.on_done = on_done
+        self.done: threading.Event | None = None
         self.lease: Lease | None = None
         self.error: BaseException | None = None
         self.granted_at: float | None = None
@@ -207,10 +208,10 @@ class EmbeddedScheduler(Scheduler):
                 cancel: threading.Event | None = None) -> Lease:
         timeout = settings.queue_timeout() if timeout is None else timeout
         check_timeout(timeout)
-        done = threading.Event()
-        waiter = self.submit(request, timeout=timeout, on_done=lambda _: done.set())
+        waiter = self.submit(request, timeout=timeout)
         if waiter.lease is not None:
             return waiter.lease
+        done = waiter.done
         deadline = time.monotonic() + timeout
         while not done.is_set():
             left = deadline - time.monotonic()
@@ -264,6 +265,7 @@ class EmbeddedScheduler(Scheduler):
             waiter.lease = held.lease
             waiter.granted_at = now
             return waiter
+        waiter.done = threading.Event()  # only a call that waits needs one
         with self._lock:
             if self._closed:
                 granted, evicted = [], []
@@ -678,6 +680,8 @@ class EmbeddedScheduler(Scheduler):
             log.exception("could not record where lease %s runs", lease.id)
 
     def _finish(self, waiter: Waiter) -> None:
+        if waiter.done is not None:
+            waiter.done.set()
         if waiter.on_done is None:
             return
         try:

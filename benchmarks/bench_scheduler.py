@@ -1,0 +1,408 @@
+"""The scheduler: lease throughput, embedded and through the node daemon, and a simulated day.
+
+    python benchmarks/bench_scheduler.py [--pairs N] [--calls N] [--seed S] [--json PATH]
+
+Throughput: lease acquire + release pairs per second on free GPUs, each pair
+admitted against its quota and charged in the SQLite ledger (one transaction
+each way), from one thread, from 4 threads, and through a node daemon from 1
+and from 4 client processes. Targets: 5,000/s embedded, 1,000/s daemon.
+
+Simulated workload: `--calls` calls of mixed tiers, sizes and durations over 4
+emulated GPUs, arriving faster than the GPUs can serve them, driven through
+the embedded scheduler on a simulated clock (each call runs for a random part
+of the duration it asked for). Reported: utilization of the GPU slices while
+calls are waiting (target 95%), the wait per tier (p50, p99), quota refusals,
+and an order check: every time a call is served while one ranked before it by
+the policy still waits, the overtaking must be one the policy allows (a large
+call backfilling a GPU kept for an xlarge one, or a shorter large call ending
+before a reserved GPU drains). Any other is counted as a violation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import json
+import os
+import platform
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from zerogpu.daemon_client import DaemonClient
+from zerogpu.devices import emulated_devices
+from zerogpu.errors import QuotaExceeded
+from zerogpu.identity import TIERS, Identity
+from zerogpu.policy import DAILY_QUOTA, SIZE_WEIGHT, Policy
+from zerogpu.quota import QuotaLedger
+from zerogpu.scheduler import EmbeddedScheduler, LeaseRequest, Waiter
+
+GPUS = 4
+ROOMY = Policy(daily_quota={tier: 1e12 for tier in TIERS})
+REQUEST = LeaseRequest(Identity("bench", "pro"), 30.0)
+
+
+# -- throughput ------------------------------------------------------------------------------
+
+
+def embedded_rate(folder: Path, pairs: int, threads: int) -> float:
+    """Acquire + release pairs per second of one EmbeddedScheduler, from `threads` threads."""
+    scheduler = EmbeddedScheduler(emulated_devices(GPUS), ledger=QuotaLedger(folder / f"embedded-{threads}.sqlite3", ROOMY))
+    try:
+        for _ in range(200):  # warm up: statement cache, pages
+            scheduler.release(scheduler.acquire(REQUEST, timeout=5), used=0.001)
+        each = pairs // threads
+        start = threading.Barrier(threads + 1)
+
+        def loop() -> None:
+            start.wait()
+            for _ in range(each):
+                scheduler.release(scheduler.acquire(REQUEST, timeout=5), used=0.001)
+
+        workers = [threading.Thread(target=loop) for _ in range(threads)]
+        for worker in workers:
+            worker.start()
+        start.wait()
+        began = time.perf_counter()
+        for worker in workers:
+            worker.join()
+        return each * threads / (time.perf_counter() - began)
+    finally:
+        scheduler.close()
+
+
+CLIENT_LOOP = textwrap.dedent("""
+    import sys, time
+    from zerogpu.daemon_client import DaemonClient
+    from zerogpu.identity import Identity
+    from zerogpu.scheduler import LeaseRequest
+    client = DaemonClient(sys.argv[1])
+    request = LeaseRequest(Identity("bench", "pro"), 30.0)
+    for _ in range(200):
+        client.release(client.acquire(request, timeout=5), used=0.001)
+    client.status()
+    print("ready", flush=True)
+    sys.stdin.readline()
+    began = time.perf_counter()
+    for _ in range(int(sys.argv[2])):
+        client.release(client.acquire(request, timeout=5), used=0.001)
+    client.status()  # every release is done
+    print(time.perf_counter() - began, flush=True)
+    client.close()
+""")
+
+
+class DaemonProcess:
+    def __init__(self, folder: Path) -> None:
+        self.socket = str(folder / "bench.sock")
+        env = {**os.environ, "ZEROGPU_BACKEND": "emulated", "ZEROGPU_EMULATED_GPUS": str(GPUS)}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "zerogpu.daemon", "--socket", self.socket, "--ledger",
+             str(folder / "daemon.sqlite3")] + [f"--quota={tier}=1e12" for tier in TIERS],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+        )
+        if not self.proc.stdout.readline().startswith("ready"):
+            raise RuntimeError("the node daemon did not start")
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(10)
+        self.proc.stdout.close()
+
+
+def daemon_rate(daemon: DaemonProcess, pairs: int, clients: int) -> float:
+    """Pairs per second through the daemon from `clients` processes, one thread each."""
+    if clients == 1:
+        client = DaemonClient(daemon.socket)
+        try:
+            for _ in range(200):
+                client.release(client.acquire(REQUEST, timeout=5), used=0.001)
+            began = time.perf_counter()
+            for _ in range(pairs):
+                client.release(client.acquire(REQUEST, timeout=5), used=0.001)
+            client.status()
+            return pairs / (time.perf_counter() - began)
+        finally:
+            client.close()
+    each = pairs // clients
+    procs = [subprocess.Popen([sys.executable, "-c", CLIENT_LOOP, daemon.socket, str(each)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for _ in range(clients)]
+    try:
+        for proc in procs:
+            assert proc.stdout.readline().strip() == "ready"
+        began = time.perf_counter()
+        for proc in procs:
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        for proc in procs:
+            float(proc.stdout.readline())
+        return each * clients / (time.perf_counter() - began)
+    finally:
+        for proc in procs:
+            proc.stdin.close()
+            proc.wait(30)
+            proc.stdout.close()
+
+
+# -- the simulated workload -------------------------------------------------------------------
+
+TIER_MIX = {"anonymous": 0.3, "free": 0.5, "pro": 0.2}
+USERS = {"anonymous": 300, "free": 200, "pro": 50}
+DURATIONS = (5, 10, 20, 30, 60, 90, 120)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class Call:
+    index: int
+    arrival: float
+    request: LeaseRequest
+    runs_for: float
+    waiter: Waiter | None = None
+    granted: float | None = None
+    refused: bool = False
+
+
+@dataclass
+class Simulation:
+    calls: list[Call]
+    busy_while_waiting: float = 0.0      # slice-seconds busy while a call waited
+    capacity_while_waiting: float = 0.0  # slice-seconds that existed meanwhile
+    violations: list[str] = field(default_factory=list)
+    overtakes: int = 0
+
+
+def workload(count: int, seed: int, rate: float) -> list[Call]:
+    rng = random.Random(seed)
+    calls, now = [], 0.0
+    for index in range(count):
+        now += rng.expovariate(rate)
+        tier = rng.choices(list(TIER_MIX), weights=list(TIER_MIX.values()))[0]
+        user = f"{tier}-{rng.randrange(USERS[tier])}"
+        size = "xlarge" if rng.random() < 0.25 else "large"
+        # Only durations the tier may ask for at this size (an xlarge second costs two).
+        legal = [d for d in DURATIONS if d * SIZE_WEIGHT[size] <= DAILY_QUOTA[tier]]
+        duration = float(rng.choice(legal))
+        calls.append(Call(index, now, LeaseRequest(Identity(user, tier), duration, size),
+                          runs_for=duration * rng.uniform(0.3, 1.0)))
+    return calls
+
+
+def simulate(calls: list[Call], folder: Path, policy: Policy) -> Simulation:
+    """Drive the calls through an EmbeddedScheduler on a simulated clock."""
+    clock = Clock()
+    ledger = QuotaLedger(folder / "simulation.sqlite3", policy)
+    scheduler = EmbeddedScheduler(emulated_devices(GPUS), ledger=ledger, clock=clock)
+    result = Simulation(calls)
+    by_seq: dict[int, Call] = {}
+    waiting: dict[int, Call] = {}
+    ends: list[tuple[float, int, object]] = []
+    occupied: dict[int, list[int]] = {d: [] for d in range(GPUS)}  # device -> slices taken (by lease)
+    busy = 0
+    granted_now: list[Call] = []
+
+    def start(call: Call) -> None:
+        nonlocal busy
+        lease = call.waiter.lease
+        call.granted = clock.now
+        waiting.pop(call.waiter.seq, None)
+        busy += slices(call)
+        occupied[lease.device.index].append(lease.id)
+        heapq.heappush(ends, (clock.now + call.runs_for, call.index, lease))
+        granted_now.append(call)
+
+    def slices(call: Call) -> int:
+        return policy.large_per_gpu if call.request.size == "xlarge" else 1
+
+    def served(waiter: Waiter) -> None:
+        if waiter.lease is not None:
+            start(by_seq[waiter.seq])
+
+    def event(action) -> None:
+        """Run one arrival or end; check the order of what it served."""
+        before = {d: list(ids) for d, ids in occupied.items()}
+        granted_now.clear()
+        action()
+        check_order(result, scheduler.policy, clock.now, list(granted_now), list(waiting.values()), before)
+
+    arrivals = iter(calls)
+    upcoming = next(arrivals, None)
+    last = 0.0
+    while upcoming is not None or ends:
+        next_end = ends[0][0] if ends else float("inf")
+        moment = min(upcoming.arrival if upcoming is not None else float("inf"), next_end)
+        if waiting:
+            result.busy_while_waiting += busy * (moment - last)
+            result.capacity_while_waiting += GPUS * policy.large_per_gpu * (moment - last)
+        clock.now = last = moment
+        if ends and next_end <= moment:
+            _, index, lease = heapq.heappop(ends)
+            call = calls[index]
+            busy -= slices(call)
+            occupied[lease.device.index].remove(lease.id)
+            event(lambda lease=lease, call=call: scheduler.release(lease, used=call.runs_for))
+            continue
+        call, upcoming = upcoming, next(arrivals, None)
+
+        def arrive(call=call) -> None:
+            try:
+                waiter = scheduler.submit(call.request, timeout=1e9, on_done=served)
+            except QuotaExceeded:
+                call.refused = True
+                return
+            call.waiter = waiter
+            by_seq[waiter.seq] = call
+            if waiter.lease is not None:
+                start(call)
+            else:
+                waiting[waiter.seq] = call
+
+        event(arrive)
+    scheduler.close()
+    return result
+
+
+def check_order(result: Simulation, policy: Policy, now: float, granted: list[Call], still: list[Call],
+                before: dict[int, list[int]]) -> None:
+    """Count the calls served ahead of a better-ranked waiting call that the policy does not allow."""
+    def rank(call: Call) -> tuple:
+        w = call.waiter
+        return (*policy.priority(call.request.identity.tier, w.left, call.request.duration, w.arrival, now), w.seq)
+
+    def whole_for(waits: Call, device: int) -> bool:
+        """Whether `device` was free and no call ranked before `waits` took part of it."""
+        return not before[device] and not any(
+            g.waiter.lease.device.index == device and rank(g) < rank(waits) for g in granted)
+
+    for got in granted:
+        for waits in still:
+            if rank(waits) >= rank(got):
+                continue
+            result.overtakes += 1
+            device = got.waiter.lease.device.index
+            if got.request.size == "xlarge":
+                why = "an xlarge call took a whole GPU"
+            elif waits.request.size == "large" and waits.request.duration <= got.request.duration:
+                why = "a large call no shorter than the waiting one took a slice"
+            elif waits.request.size == "xlarge" and whole_for(waits, device):
+                why = "a large call took a slice of a GPU that was whole and free"
+            else:
+                continue  # a backfill the policy allows
+            result.violations.append(f"t={now:.1f}: call {got.index} before call {waits.index}: {why}")
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(int(fraction * len(ordered)), len(ordered) - 1)]
+
+
+# -- main -----------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pairs", type=int, default=20000, help="acquire+release pairs per throughput run")
+    parser.add_argument("--calls", type=int, default=1000, help="calls in the simulated workload")
+    parser.add_argument("--rate", type=float, default=0.22,
+                        help="simulated arrivals per second (0.22: about 1.1 x what the GPUs can serve)")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--json", type=Path, default=Path("bench_scheduler.json"), help="where to write the figures")
+    args = parser.parse_args(argv)
+    console = Console()
+
+    with tempfile.TemporaryDirectory(prefix="zg-bench-", dir="/tmp") as tmp:
+        folder = Path(tmp)
+        console.print("measuring lease throughput ...")
+        rates = {
+            "embedded, 1 thread": embedded_rate(folder, args.pairs, 1),
+            "embedded, 4 threads": embedded_rate(folder, args.pairs, 4),
+        }
+        daemon = DaemonProcess(folder)
+        try:
+            rates["daemon, 1 client process"] = daemon_rate(daemon, args.pairs // 4, 1)
+            rates["daemon, 4 client processes"] = daemon_rate(daemon, args.pairs // 4, 4)
+        finally:
+            daemon.stop()
+        console.print(f"simulating {args.calls} calls over {GPUS} emulated GPUs ...")
+        calls = workload(args.calls, args.seed, args.rate)
+        policy = Policy()
+        began = time.perf_counter()
+        sim = simulate(calls, folder, policy)
+        sim_seconds = time.perf_counter() - began
+
+    targets = {"embedded": 5000, "daemon": 1000}
+    table = Table(title="lease acquire + release (free GPUs, charged in SQLite)")
+    for column in ("path", "pairs/s", "target"):
+        table.add_column(column, justify="left" if column == "path" else "right")
+    for name, rate in rates.items():
+        target = targets[name.split(",")[0]]
+        table.add_row(name, f"{rate:,.0f}", f"{target:,}" + (" ok" if rate >= target else " MISSED"))
+    console.print(table)
+
+    served = [c for c in sim.calls if c.granted is not None]
+    utilization = sim.busy_while_waiting / sim.capacity_while_waiting if sim.capacity_while_waiting else 1.0
+    span = max(c.granted + c.runs_for for c in served) if served else 0.0
+    slices = GPUS * policy.large_per_gpu
+    demand = sum(c.runs_for * (policy.large_per_gpu if c.request.size == "xlarge" else 1) for c in sim.calls)
+    offered = demand / (slices * sim.calls[-1].arrival)
+    waits = {tier: [c.granted - c.arrival for c in served if c.request.identity.tier == tier] for tier in TIERS}
+    table = Table(title=f"simulated workload: {len(sim.calls)} calls, {GPUS} GPUs x {policy.large_per_gpu} slices, "
+                        f"{span / 3600:.2f} h simulated in {sim_seconds:.1f} s")
+    for column in ("tier", "calls", "served", "refused (quota)", "wait p50 s", "wait p99 s"):
+        table.add_column(column, justify="left" if column == "tier" else "right")
+    for tier in reversed(TIERS):
+        of_tier = [c for c in sim.calls if c.request.identity.tier == tier]
+        table.add_row(tier, str(len(of_tier)), str(len(waits[tier])), str(sum(c.refused for c in of_tier)),
+                      f"{percentile(waits[tier], 0.5):.1f}", f"{percentile(waits[tier], 0.99):.1f}")
+    console.print(table)
+    console.print(f"offered load: {offered:.2f} x the GPUs' capacity; "
+                  f"utilization while calls were waiting: {utilization:.1%} (target 95%)")
+    console.print(f"order check: {sim.overtakes} overtakes of a better-ranked waiting call, "
+                  f"{len(sim.violations)} not allowed by the policy")
+    for line in sim.violations[:10]:
+        console.print(f"  {line}")
+
+    report = {
+        "benchmark": "bench_scheduler",
+        "date": date.today().isoformat(),
+        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
+        "throughput_pairs_per_s": rates,
+        "simulation": {
+            "calls": len(sim.calls), "gpus": GPUS, "slices_per_gpu": policy.large_per_gpu,
+            "arrival_rate_per_s": args.rate, "seed": args.seed, "simulated_s": span, "offered_load": offered,
+            "utilization_while_waiting": utilization,
+            "wait_s": {tier: {"served": len(waits[tier]), "p50": percentile(waits[tier], 0.5),
+                              "p99": percentile(waits[tier], 0.99)} for tier in TIERS},
+            "refused_quota": {tier: sum(c.refused for c in sim.calls if c.request.identity.tier == tier)
+                              for tier in TIERS},
+            "overtakes": sim.overtakes, "order_violations": len(sim.violations),
+        },
+    }
+    args.json.write_text(json.dumps(report, indent=2))
+    console.print(f"figures written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
