@@ -24,7 +24,7 @@ from zerogpu.daemon_client import DaemonClient
 from zerogpu.errors import Cancelled, InvalidArgument, NoGPUAvailable, QuotaExceeded, SchedulerError
 from zerogpu.identity import Identity
 from zerogpu.protocol import MAX_FRAME, VERSION, FrameReader, decode, encode
-from zerogpu.quota import QuotaLedger
+from zerogpu.quota import QuotaLedger, this_process
 from zerogpu.scheduler import LeaseRequest
 from zerogpu.status import embedded_status, render_status, status
 
@@ -454,19 +454,36 @@ def test_a_restart_loses_no_quota_and_keeps_leases_of_live_clients(folder):
         running = client.acquire(xlarge(FREE, 100), timeout=0)
         daemon.stop()
         daemon.start()
-        watcher = daemon.client()
-        state = watcher.status()
+        state = client.status()  # connects again, naming the lease it holds
         assert [(lease["id"], lease["device"], lease["size"]) for lease in state["leases"]] == [
             (running.id, running.device.index, "xlarge")]
         ada = [e for e in state["quota"] if e["user"] == "ada"][0]
         assert (ada["used"], ada["reserved"]) == (40, 200)
-        client.release(running, used=10)  # reconnects; the new daemon knows the lease
-        wait_for(lambda: watcher.status()["leases"] == [], what="the release after the restart")
-        ada = [e for e in watcher.status()["quota"] if e["user"] == "ada"][0]
+        client.release(running, used=10)
+        wait_for(lambda: client.status()["leases"] == [], what="the release after the restart")
+        ada = [e for e in client.status()["quota"] if e["user"] == "ada"][0]
         assert (ada["used"], ada["reserved"]) == (60, 0)
-        watcher.close()
     finally:
         client.close()
+        daemon.stop()
+
+
+def test_leases_a_restarted_client_does_not_name_come_back(folder):
+    daemon = Daemon(folder).start()
+    try:
+        # A lease the daemon granted to this process, whose answer was lost when it stopped.
+        ledger = QuotaLedger(daemon.ledger, holder=f"daemon:{daemon.socket}")
+        ledger.admit(FREE, 50, "xlarge", this_process(), device=2)
+        ledger.close()
+        daemon.stop()
+        daemon.start()  # takes the lease over: this process is alive
+        client = daemon.client()  # says hello holding nothing
+        try:
+            state = client.status()
+            assert state["leases"] == [] and all(e["reserved"] == 0 for e in state["quota"])
+        finally:
+            client.close()
+    finally:
         daemon.stop()
 
 
@@ -598,8 +615,6 @@ def test_status_without_a_daemon_reads_the_ledger(tmp_path, monkeypatch):
     monkeypatch.setenv("ZEROGPU_BACKEND", "emulated")
     monkeypatch.setenv("ZEROGPU_EMULATED_GPUS", "2")
     monkeypatch.delenv("ZEROGPU_SCHEDULER", raising=False)
-    from zerogpu.quota import this_process
-
     ledger = QuotaLedger()
     lease_id, _ = ledger.admit(FREE, 30, "large", this_process(), device=1, slot=1)
     done, _ = ledger.admit(PRO, 30, "large", this_process())

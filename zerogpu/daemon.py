@@ -45,7 +45,6 @@ log = logging.getLogger("zerogpu.daemon")
 
 HEARTBEAT_TIMEOUT = 5.0   # seconds of silence after which a client counts as dead
 EVICT_TIMEOUT = 5.0       # seconds a client has to kill an idle worker when asked
-SEND_TIMEOUT = 5.0
 TICK = 0.1                # how often queue timeouts are checked
 SWEEP_EVERY = 2.0         # how often dead processes' leases are looked for
 UCRED = struct.Struct("3i")
@@ -118,11 +117,16 @@ class Connection:
 
     # -- requests ----------------------------------------------------------------------
 
-    def _on_hello(self, rid: int, version: int) -> dict:
+    def _on_hello(self, rid: int, version: int, leases: list[int] | None) -> dict:
         if version != VERSION:
             raise InvalidArgument(f"this node daemon speaks protocol {VERSION}, not {version}: "
                                   "use the same zerogpu version for the daemon and its apps")
         scheduler = self.daemon.scheduler
+        # A client reconnecting after a restart says which leases it still
+        # holds: those a previous daemon granted become this connection's, and
+        # the rest (granted while the answer was lost) come back.
+        scheduler.transfer(orphan(self.process), self, only=set(leases or ()))
+        scheduler.abandon(orphan(self.process))
         return {
             "ok": True, "pid": os.getpid(),
             "devices": [device_to_wire(d) for d in scheduler.devices],
@@ -192,7 +196,7 @@ class Connection:
         if holder is None or holder[1] != self.process:
             raise SchedulerError(f"lease {lease_id} is not held by this client: was it released twice?")
         if holder[0] == orphan(self.process):
-            scheduler.transfer(holder[0], self)
+            scheduler.transfer(holder[0], self, only={lease_id})
         return scheduler.lease(lease_id)
 
     # -- evicting idle workers --------------------------------------------------------------

@@ -311,14 +311,17 @@ class DaemonClient(Scheduler):
                 raise SchedulerError("a scheduler client cannot be used in a forked child")
             if self._link is not None and self._link.alive:
                 return self._link
-            link = self._connect()
+            # Leases whose release waits to be sent are still held, as far as the daemon knows.
+            held = list(self._links_of) + [m["lease"] for m in self._unsent if m["op"] == "release"]
+            link = self._connect(held)
             self._link = link
             unsent, self._unsent = self._unsent, []
         for message in unsent:
             link.send(message, on_reply=self._released)
         return link
 
-    def _connect(self) -> Link:
+    def _connect(self, held: list[int]) -> Link:
+        """Connect and say hello, naming the leases this process still holds."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.settimeout(self.connect_timeout)
@@ -338,7 +341,7 @@ class DaemonClient(Scheduler):
             raise
         link = Link(self, sock)
         link.thread.start()
-        waiting = link.send({"op": "hello", "version": VERSION})
+        waiting = link.send({"op": "hello", "version": VERSION, "leases": held})
         if waiting is None:
             raise self._unreachable()
         reply = self._answer(waiting, REPLY_TIMEOUT)

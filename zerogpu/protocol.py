@@ -26,12 +26,12 @@ VERSION = 1
 HEADER = struct.Struct("!I")
 MAX_FRAME = 64 * 1024            # what the daemon accepts from a client
 MAX_REPLY = 64 * 1024 * 1024     # what a client accepts from its daemon (status can be long)
-MAX_KEY = 1024
 
 # The fields of each request: name -> (kind, optional). Kinds: "int" (>= 0),
-# "number" (finite), "str", "bool". Ranges are checked by the scheduler.
+# "ints" (a list of them), "number" (finite), "str", "bool". Ranges are
+# checked by the scheduler.
 REQUESTS: dict[str, dict[str, tuple[str, bool]]] = {
-    "hello": {"version": ("int", False)},
+    "hello": {"version": ("int", False), "leases": ("ints", True)},
     "acquire": {
         "user": ("str", False), "tier": ("str", False), "duration": ("number", False),
         "size": ("str", False), "key": ("str", True), "timeout": ("number", True),
@@ -45,6 +45,7 @@ REQUESTS: dict[str, dict[str, tuple[str, bool]]] = {
     "status": {},
 }
 MAX_STRING = 1024
+MAX_LIST = 4096
 
 
 def encode(message: dict) -> bytes:
@@ -127,6 +128,9 @@ def check_field(op: str, name: str, kind: str, value: object) -> None:
     if kind == "int":
         ok = is_int(value)
         wanted = "a non-negative integer"
+    elif kind == "ints":
+        ok = isinstance(value, list) and len(value) <= MAX_LIST and all(is_int(item) for item in value)
+        wanted = f"a list of at most {MAX_LIST} non-negative integers"
     elif kind == "number":
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         wanted = "a finite number"

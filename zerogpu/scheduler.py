@@ -216,10 +216,14 @@ class EmbeddedScheduler(Scheduler):
         while not done.is_set():
             left = deadline - time.monotonic()
             if cancel is not None and cancel.is_set():
-                self.withdraw(waiter, Cancelled(f"{describe(request)} left the GPU queue: its caller gave up"))
+                reason: BaseException = Cancelled(f"{describe(request)} left the GPU queue: its caller gave up")
             elif left <= 0:
-                self.withdraw(waiter, self._no_gpu(request, timeout))
-            done.wait(min(left, CANCEL_POLL) if cancel is not None else max(left, 0.0))
+                reason = self._no_gpu(request, timeout)
+            else:
+                done.wait(min(left, CANCEL_POLL) if cancel is not None else left)
+                continue
+            if not self.withdraw(waiter, reason):
+                done.wait()  # served meanwhile: its lease is being recorded
         if waiter.error is not None:
             raise waiter.error
         return waiter.lease
@@ -239,8 +243,10 @@ class EmbeddedScheduler(Scheduler):
         Otherwise `on_done` is called later with the outcome. Raises
         InvalidArgument and QuotaExceeded before anything is held.
         """
-        if not isinstance(request, LeaseRequest):
-            raise InvalidArgument(f"expected a LeaseRequest, not {type(request).__name__}")
+        if not isinstance(request, LeaseRequest) or not isinstance(request.identity, Identity):
+            raise InvalidArgument(f"expected a LeaseRequest with an Identity, not {request!r}")
+        if request.key is not None and not isinstance(request.key, str):
+            raise InvalidArgument(f"a request's key must be a string or None, not {request.key!r}")
         self.policy.check(request.identity.tier, request.duration, request.size)
         check_timeout(timeout)
         process = process or this_process()
@@ -313,7 +319,7 @@ class EmbeddedScheduler(Scheduler):
             self._settle(lease.id, used if charge else None)
         finally:
             with self._lock:
-                if park is not None and not self._closed:
+                if park is not None and not self._closed and self._held.get(lease.id) is held:
                     held.state = PARKED
                     held.park = park
                     held.since = self.clock()
@@ -381,15 +387,12 @@ class EmbeddedScheduler(Scheduler):
             self._settle(lease_id, None)
         return adopted
 
-    def transfer(self, old: Hashable, new: Hashable) -> int:
-        """Give what `old` holds to `new` (a client that reconnected); return how many leases."""
+    def transfer(self, old: Hashable, new: Hashable, *, only: set[int] | None = None) -> int:
+        """Give the leases `old` holds (those in `only`, if given) to `new`; return how many."""
         with self._lock:
-            moved = [h for h in self._held.values() if h.owner == old]
+            moved = [h for h in self._held.values() if h.owner == old and (only is None or h.lease.id in only)]
             for h in moved:
                 h.owner = new
-            for waiter in self._waiters.values():
-                if waiter.owner == old:
-                    waiter.owner = new
         return len(moved)
 
     def lease(self, lease_id: int) -> Lease:
