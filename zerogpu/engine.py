@@ -229,7 +229,7 @@ class Engine:
 
         `src` and `dst` are addresses (int) or objects that know their size: a
         contiguous torch tensor or numpy array, or memory from `alloc`/`alloc_pinned`.
-        `nbytes` defaults to the size of `src`. Unset tuning comes from
+        `nbytes` defaults to the smaller of the sizes known. Unset tuning comes from
         `DEFAULT_STRATEGY`/`DEFAULT_TUNING`. Raises CudaError when a driver call
         fails; the destination then holds no usable data.
         """
