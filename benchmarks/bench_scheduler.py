@@ -1,11 +1,12 @@
 """The scheduler: lease throughput, embedded and through the node daemon, and a simulated day.
 
-    python benchmarks/bench_scheduler.py [--pairs N] [--calls N] [--seed S] [--json PATH]
+    python benchmarks/bench_scheduler.py [--pairs N] [--repeat N] [--calls N] [--rate R] [--seed S] [--json PATH]
 
 Throughput: lease acquire + release pairs per second on free GPUs, each pair
 admitted against its quota and charged in the SQLite ledger (one transaction
 each way), from one thread, from 4 threads, and through a node daemon from 1
-and from 4 client processes. Targets: 5,000/s embedded, 1,000/s daemon.
+and from 4 client processes; the median of --repeat runs, with the range.
+Targets: 5,000/s embedded, 1,000/s daemon.
 
 Simulated workload: `--calls` calls of mixed tiers, sizes and durations over 4
 emulated GPUs, arriving faster than the GPUs can serve them, driven through
@@ -179,7 +180,8 @@ class Call:
     runs_for: float
     waiter: Waiter | None = None
     granted: float | None = None
-    refused: bool = False
+    refused: bool = False     # QuotaExceeded
+    timed_out: bool = False   # NoGPUAvailable
 
 
 @dataclass
@@ -207,7 +209,7 @@ def workload(count: int, seed: int, rate: float) -> list[Call]:
     return calls
 
 
-def simulate(calls: list[Call], folder: Path, policy: Policy) -> Simulation:
+def simulate(calls: list[Call], folder: Path, policy: Policy, timeout: float) -> Simulation:
     """Drive the calls through an EmbeddedScheduler on a simulated clock."""
     clock = Clock()
     ledger = QuotaLedger(folder / "simulation.sqlite3", policy)
@@ -236,9 +238,11 @@ def simulate(calls: list[Call], folder: Path, policy: Policy) -> Simulation:
     def served(waiter: Waiter) -> None:
         if waiter.lease is not None:
             start(by_seq[waiter.seq])
+        else:
+            waiting.pop(waiter.seq).timed_out = True
 
     def event(action) -> None:
-        """Run one arrival or end; check the order of what it served."""
+        """Run one arrival, end or queue timeout; check the order of what it served."""
         before = {d: list(ids) for d, ids in occupied.items()}
         granted_now.clear()
         action()
@@ -247,25 +251,30 @@ def simulate(calls: list[Call], folder: Path, policy: Policy) -> Simulation:
     arrivals = iter(calls)
     upcoming = next(arrivals, None)
     last = 0.0
-    while upcoming is not None or ends:
-        next_end = ends[0][0] if ends else float("inf")
-        moment = min(upcoming.arrival if upcoming is not None else float("inf"), next_end)
+    never = float("inf")
+    while upcoming is not None or ends or waiting:
+        next_end = ends[0][0] if ends else never
+        next_expiry = min(call.waiter.deadline for call in waiting.values()) if waiting else never
+        moment = min(upcoming.arrival if upcoming is not None else never, next_end, next_expiry)
         if waiting:
             result.busy_while_waiting += busy * (moment - last)
             result.capacity_while_waiting += GPUS * policy.large_per_gpu * (moment - last)
         clock.now = last = moment
-        if ends and next_end <= moment:
+        if next_end <= moment:
             _, index, lease = heapq.heappop(ends)
             call = calls[index]
             busy -= slices(call)
             occupied[lease.device.index].remove(lease.id)
             event(lambda lease=lease, call=call: scheduler.release(lease, used=call.runs_for))
             continue
+        if next_expiry <= moment:
+            event(scheduler.expire)
+            continue
         call, upcoming = upcoming, next(arrivals, None)
 
         def arrive(call=call) -> None:
             try:
-                waiter = scheduler.submit(call.request, timeout=1e9, on_done=served)
+                waiter = scheduler.submit(call.request, timeout=timeout, on_done=served)
             except QuotaExceeded:
                 call.refused = True
                 return
@@ -317,15 +326,57 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(int(fraction * len(ordered)), len(ordered) - 1)]
 
 
+def summarize(sim: Simulation, policy: Policy, rate: float, seconds: float) -> dict:
+    """The figures of one simulation, as plain data."""
+    served = [c for c in sim.calls if c.granted is not None]
+    slices = GPUS * policy.large_per_gpu
+    demand = sum(c.runs_for * (policy.large_per_gpu if c.request.size == "xlarge" else 1) for c in sim.calls)
+    tiers = {}
+    for tier in reversed(TIERS):
+        of_tier = [c for c in sim.calls if c.request.identity.tier == tier]
+        waits = [c.granted - c.arrival for c in of_tier if c.granted is not None]
+        tiers[tier] = {
+            "calls": len(of_tier), "served": len(waits), "refused_quota": sum(c.refused for c in of_tier),
+            "timed_out": sum(c.timed_out for c in of_tier),
+            "wait_p50_s": percentile(waits, 0.5), "wait_p99_s": percentile(waits, 0.99),
+        }
+    return {
+        "arrival_rate_per_s": rate,
+        "offered_load": demand / (slices * sim.calls[-1].arrival),
+        "simulated_s": max(c.granted + c.runs_for for c in served) if served else 0.0,
+        "wall_s": seconds,
+        "utilization_while_waiting": (sim.busy_while_waiting / sim.capacity_while_waiting
+                                      if sim.capacity_while_waiting else 1.0),
+        "tiers": tiers,
+        "overtakes": sim.overtakes,
+        "violations": sim.violations,
+    }
+
+
+def simulation_table(summary: dict, timeout: float) -> Table:
+    table = Table(title=f"simulated: {summary['arrival_rate_per_s']:g} arrivals/s, {GPUS} GPUs x 2 slices, "
+                        f"queue timeout {timeout:g} s, {summary['simulated_s'] / 3600:.2f} h in "
+                        f"{summary['wall_s']:.1f} s")
+    for column in ("tier", "calls", "served", "no quota", "timed out", "wait p50 s", "wait p99 s"):
+        table.add_column(column, justify="left" if column == "tier" else "right")
+    for tier, row in summary["tiers"].items():
+        table.add_row(tier, str(row["calls"]), str(row["served"]), str(row["refused_quota"]), str(row["timed_out"]),
+                      f"{row['wait_p50_s']:.1f}", f"{row['wait_p99_s']:.1f}")
+    return table
+
+
 # -- main -----------------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", type=int, default=20000, help="acquire+release pairs per throughput run")
+    parser.add_argument("--repeat", type=int, default=3, help="throughput runs per path (the median is kept)")
     parser.add_argument("--calls", type=int, default=1000, help="calls in the simulated workload")
-    parser.add_argument("--rate", type=float, default=0.22,
-                        help="simulated arrivals per second (0.22: about 1.1 x what the GPUs can serve)")
+    parser.add_argument("--rates", default="0.25,0.35",
+                        help="simulated arrivals per second, one simulation each "
+                             "(0.25 and 0.35: about 1.05 and 1.45 x what the GPUs can serve)")
+    parser.add_argument("--timeout", type=float, default=60.0, help="queue timeout of the simulated calls")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", type=Path, default=Path("bench_scheduler.json"), help="where to write the figures")
     args = parser.parse_args(argv)
@@ -334,70 +385,54 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="zg-bench-", dir="/tmp") as tmp:
         folder = Path(tmp)
         console.print("measuring lease throughput ...")
-        rates = {
-            "embedded, 1 thread": embedded_rate(folder, args.pairs, 1),
-            "embedded, 4 threads": embedded_rate(folder, args.pairs, 4),
-        }
+        runs: dict[str, list[float]] = {name: [] for name in (
+            "embedded, 1 thread", "embedded, 4 threads", "daemon, 1 client process", "daemon, 4 client processes")}
         daemon = DaemonProcess(folder)
         try:
-            rates["daemon, 1 client process"] = daemon_rate(daemon, args.pairs // 4, 1)
-            rates["daemon, 4 client processes"] = daemon_rate(daemon, args.pairs // 4, 4)
+            for _ in range(args.repeat):
+                runs["embedded, 1 thread"].append(embedded_rate(folder, args.pairs, 1))
+                runs["embedded, 4 threads"].append(embedded_rate(folder, args.pairs, 4))
+                runs["daemon, 1 client process"].append(daemon_rate(daemon, args.pairs // 4, 1))
+                runs["daemon, 4 client processes"].append(daemon_rate(daemon, args.pairs // 4, 4))
         finally:
             daemon.stop()
-        console.print(f"simulating {args.calls} calls over {GPUS} emulated GPUs ...")
-        calls = workload(args.calls, args.seed, args.rate)
-        policy = Policy()
-        began = time.perf_counter()
-        sim = simulate(calls, folder, policy)
-        sim_seconds = time.perf_counter() - began
+        rates = {name: statistics.median(values) for name, values in runs.items()}
+        simulations = []
+        for rate in (float(text) for text in args.rates.split(",")):
+            console.print(f"simulating {args.calls} calls over {GPUS} emulated GPUs, {rate:g} arrivals/s ...")
+            calls = workload(args.calls, args.seed, rate)
+            began = time.perf_counter()
+            sim = simulate(calls, folder / f"sim-{rate:g}", Policy(), args.timeout)
+            simulations.append(summarize(sim, Policy(), rate, time.perf_counter() - began))
 
     targets = {"embedded": 5000, "daemon": 1000}
-    table = Table(title="lease acquire + release (free GPUs, charged in SQLite)")
-    for column in ("path", "pairs/s", "target"):
+    table = Table(title=f"lease acquire + release (free GPUs, charged in SQLite; median of {args.repeat})")
+    for column in ("path", "pairs/s", "range", "target"):
         table.add_column(column, justify="left" if column == "path" else "right")
     for name, rate in rates.items():
         target = targets[name.split(",")[0]]
-        table.add_row(name, f"{rate:,.0f}", f"{target:,}" + (" ok" if rate >= target else " MISSED"))
+        table.add_row(name, f"{rate:,.0f}", f"{min(runs[name]):,.0f} - {max(runs[name]):,.0f}",
+                      f"{target:,}" + (" ok" if rate >= target else " MISSED"))
     console.print(table)
 
-    served = [c for c in sim.calls if c.granted is not None]
-    utilization = sim.busy_while_waiting / sim.capacity_while_waiting if sim.capacity_while_waiting else 1.0
-    span = max(c.granted + c.runs_for for c in served) if served else 0.0
-    slices = GPUS * policy.large_per_gpu
-    demand = sum(c.runs_for * (policy.large_per_gpu if c.request.size == "xlarge" else 1) for c in sim.calls)
-    offered = demand / (slices * sim.calls[-1].arrival)
-    waits = {tier: [c.granted - c.arrival for c in served if c.request.identity.tier == tier] for tier in TIERS}
-    table = Table(title=f"simulated workload: {len(sim.calls)} calls, {GPUS} GPUs x {policy.large_per_gpu} slices, "
-                        f"{span / 3600:.2f} h simulated in {sim_seconds:.1f} s")
-    for column in ("tier", "calls", "served", "refused (quota)", "wait p50 s", "wait p99 s"):
-        table.add_column(column, justify="left" if column == "tier" else "right")
-    for tier in reversed(TIERS):
-        of_tier = [c for c in sim.calls if c.request.identity.tier == tier]
-        table.add_row(tier, str(len(of_tier)), str(len(waits[tier])), str(sum(c.refused for c in of_tier)),
-                      f"{percentile(waits[tier], 0.5):.1f}", f"{percentile(waits[tier], 0.99):.1f}")
-    console.print(table)
-    console.print(f"offered load: {offered:.2f} x the GPUs' capacity; "
-                  f"utilization while calls were waiting: {utilization:.1%} (target 95%)")
-    console.print(f"order check: {sim.overtakes} overtakes of a better-ranked waiting call, "
-                  f"{len(sim.violations)} not allowed by the policy")
-    for line in sim.violations[:10]:
-        console.print(f"  {line}")
+    for summary in simulations:
+        console.print(simulation_table(summary, args.timeout))
+        console.print(f"offered load: {summary['offered_load']:.2f} x the GPUs' capacity; utilization while calls "
+                      f"were waiting: {summary['utilization_while_waiting']:.1%} (target 95%)")
+        console.print(f"order check: {summary['overtakes']} overtakes of a better-ranked waiting call, "
+                      f"{len(summary['violations'])} not allowed by the policy")
+        for line in summary["violations"][:10]:
+            console.print(f"  {line}")
 
     report = {
         "benchmark": "bench_scheduler",
         "date": date.today().isoformat(),
-        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
+        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform(),
+                    "load_average": os.getloadavg()},
         "throughput_pairs_per_s": rates,
-        "simulation": {
-            "calls": len(sim.calls), "gpus": GPUS, "slices_per_gpu": policy.large_per_gpu,
-            "arrival_rate_per_s": args.rate, "seed": args.seed, "simulated_s": span, "offered_load": offered,
-            "utilization_while_waiting": utilization,
-            "wait_s": {tier: {"served": len(waits[tier]), "p50": percentile(waits[tier], 0.5),
-                              "p99": percentile(waits[tier], 0.99)} for tier in TIERS},
-            "refused_quota": {tier: sum(c.refused for c in sim.calls if c.request.identity.tier == tier)
-                              for tier in TIERS},
-            "overtakes": sim.overtakes, "order_violations": len(sim.violations),
-        },
+        "throughput_runs": runs,
+        "simulation": {"calls": args.calls, "gpus": GPUS, "seed": args.seed, "queue_timeout_s": args.timeout,
+                       "runs": simulations},
     }
     args.json.write_text(json.dumps(report, indent=2))
     console.print(f"figures written to {args.json}")
