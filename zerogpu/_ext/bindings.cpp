@@ -35,10 +35,7 @@ Strategy parse_strategy(const std::string& name) {
   throw InvalidArgument("strategy '" + name + "' is unknown: use 'pageable', 'register' or 'staging'");
 }
 
-template <class T = void>
-T* host_pointer(uintptr_t address) {
-  return reinterpret_cast<T*>(address);
-}
+void* host_pointer(uintptr_t address) { return reinterpret_cast<void*>(address); }
 
 // Raises zerogpu.errors.<name>(*args): the engine's errors are the library's.
 template <class... Args>
