@@ -262,6 +262,16 @@ def test_progress_counts_every_byte():
         assert_same_tensors(tensors, snapshot.tensors())
 
 
+def test_a_failing_progress_callback_leaves_nothing_behind():
+    def fail(nbytes: int) -> None:
+        raise KeyboardInterrupt
+
+    before = segments()
+    with pytest.raises(KeyboardInterrupt):
+        Snapshot.pack({"a": torch.randn(10), "b": torch.randn(10)}, progress=fail)
+    assert segments() == before
+
+
 # ---- memory
 
 

@@ -319,7 +319,7 @@ class Snapshot:
         path = Path(path)
         partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
         try:
-            with open(partial, "wb", buffering=0) as file:
+            with open(partial, "wb") as file:  # buffered: its write() writes all, in pieces past 2 GB
                 file.write(struct.pack("<Q", len(encoded)) + encoded)
                 for entry in self.entries:
                     # contiguous() returns contiguous tensors as they are: their bytes are
