@@ -12,10 +12,24 @@ SHM_DIR = "/dev/shm"
 
 
 def zerogpu_segments() -> set[str]:
+    """Segments made by this process or by a process that is gone (its workers).
+
+    Segments of other live processes belong to other programs (another test
+    run on the same machine) and are none of this test's business.
+    """
+    mine = set()
     try:
-        return {name for name in os.listdir(SHM_DIR) if name.startswith("zerogpu-")}
+        names = os.listdir(SHM_DIR)
     except FileNotFoundError:
-        return set()
+        return mine
+    for name in names:
+        parts = name.split("-")
+        if len(parts) < 3 or parts[0] != "zerogpu" or not parts[1].isdigit():
+            continue
+        owner = int(parts[1])
+        if owner == os.getpid() or not psutil.pid_exists(owner):
+            mine.add(name)
+    return mine
 
 
 def live_children() -> list[psutil.Process]:
