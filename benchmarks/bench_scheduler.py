@@ -60,7 +60,8 @@ REQUEST = LeaseRequest(Identity("bench", "pro"), 30.0)
 
 def embedded_rate(folder: Path, pairs: int, threads: int) -> float:
     """Acquire + release pairs per second of one EmbeddedScheduler, from `threads` threads."""
-    scheduler = EmbeddedScheduler(emulated_devices(GPUS), ledger=QuotaLedger(folder / f"embedded-{threads}.sqlite3", ROOMY))
+    ledger = QuotaLedger(folder / f"embedded-{threads}.sqlite3", ROOMY)
+    scheduler = EmbeddedScheduler(emulated_devices(GPUS), ledger=ledger)
     try:
         for _ in range(200):  # warm up: statement cache, pages
             scheduler.release(scheduler.acquire(REQUEST, timeout=5), used=0.001)

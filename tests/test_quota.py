@@ -11,7 +11,7 @@ import threading
 
 import pytest
 
-from zerogpu.errors import InvalidArgument, QuotaExceeded
+from zerogpu.errors import InvalidArgument, QuotaExceeded, SchedulerError
 from zerogpu.identity import ANONYMOUS, Identity
 from zerogpu.policy import Policy
 from zerogpu.quota import DAY, Owner, QuotaLedger, next_reset, spell_seconds, this_process
@@ -286,3 +286,10 @@ def test_a_fixed_lease_id_cannot_be_admitted_twice(ledger):
 @pytest.mark.parametrize("seconds, spelled", [(0, "0 s"), (12.2, "13 s"), (250, "4 min 10 s"), (11520, "3 h 12 min")])
 def test_durations_are_spelled_for_people(seconds, spelled):
     assert spell_seconds(seconds) == spelled
+
+
+def test_an_unusable_ledger_path_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(SchedulerError, match="cannot open the quota ledger .*ZEROGPU_DATA_DIR"):
+        QuotaLedger(blocker / "quota.sqlite3")

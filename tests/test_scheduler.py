@@ -283,7 +283,7 @@ def test_an_xlarge_call_evicts_every_parked_lease_on_its_gpu(make):
     scheduler = make(1)
     evicted = []
     leases = [scheduler.acquire(large(key=k), timeout=0) for k in "fg"]
-    for lease, name in zip(leases, "fg"):
+    for lease, name in zip(leases, "fg", strict=True):
         scheduler.release(lease, used=1, park=lambda name=name: evicted.append(name))
     whole = scheduler.acquire(xlarge(key="h"), timeout=5)
     assert sorted(evicted) == ["f", "g"] and whole.slot is None
@@ -675,7 +675,8 @@ OPS = st.lists(
 
 
 @given(OPS, st.integers(1, 3), st.integers(1, 3))
-@hsettings(deadline=None, max_examples=60, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@hsettings(deadline=None, max_examples=60,
+           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 def test_scheduler_invariants_under_random_operations(tmp_path_factory, ops, gpus, per_gpu):
     """After any sequence of arrivals, ends and time passing: no cell is given twice, the
     first waiting call has no free room, and once calls stop arriving every call is served."""
@@ -696,7 +697,8 @@ def test_scheduler_invariants_under_random_operations(tmp_path_factory, ops, gpu
         held = {lease.id for lease in running}
         assert {c for row in grid for c in row if c is not None} == held
         for lease in running:
-            mine = [grid[lease.device.index][s] for s in ([lease.slot] if lease.request.size == "large" else range(per_gpu))]
+            slots = [lease.slot] if lease.request.size == "large" else range(per_gpu)
+            mine = [grid[lease.device.index][s] for s in slots]
             assert mine == [lease.id] * len(mine)
         queue = scheduler.status()["queue"]
         if queue:

@@ -81,7 +81,7 @@ class Connection:
             while True:
                 try:
                     data = self.sock.recv(65536)
-                except socket.timeout:
+                except TimeoutError:
                     log.warning("%s sent nothing for %g s: taking back its leases", self,
                                 self.daemon.heartbeat_timeout)
                     return

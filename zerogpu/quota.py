@@ -42,7 +42,7 @@ from .identity import Identity
 from .policy import SIZE_WEIGHT, Policy
 
 DAY = 86400.0
-BUSY_TIMEOUT_MS = 10_000
+BUSY_TIMEOUT = 10.0  # seconds a writer waits for another process to commit
 FILE_NAME = "quota.sqlite3"
 # Lease ids are random so that they stay unique across processes sharing the
 # file and across daemon restarts; 52 bits keep them exact in JSON.
@@ -179,12 +179,14 @@ class QuotaLedger:
         self._db = self._open()
 
     def _open(self) -> sqlite3.Connection:
+        db = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             # Create the file readable by its owner only; SQLite gives its
             # -wal and -shm files the same mode.
             os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))
-            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000)
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                                 timeout=BUSY_TIMEOUT)
             # Rows are tiny: small pages make each commit write less, and a
             # longer WAL between checkpoints syncs the file less often.
             db.execute("PRAGMA page_size=1024")  # takes effect on a new file only
@@ -192,12 +194,14 @@ class QuotaLedger:
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute("PRAGMA wal_autocheckpoint=4000")
             db.executescript(SCHEMA)
+            return db
         except (OSError, sqlite3.Error) as error:
+            if db is not None:
+                db.close()
             raise SchedulerError(
                 f"cannot open the quota ledger {self.path}: {error}; check that the folder is writable "
                 "or set ZEROGPU_DATA_DIR to one that is"
             ) from error
-        return db
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
