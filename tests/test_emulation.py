@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import io
 import json
 import subprocess
 import sys
@@ -369,11 +370,13 @@ def test_emulated_tensors_refuse_numpy_like_cuda_tensors(emulated):
     assert x.cpu().numpy().tolist() == [1.0, 1.0]
 
 
-def test_pin_memory(emulated):
+def test_pinned_memory_is_emulated_by_plain_memory(emulated):
     source = torch.arange(3.0)
     pinned = source.pin_memory()
     assert_plain_cpu(pinned)
     assert torch.equal(pinned, source)
+    assert_plain_cpu(torch.empty(2, pin_memory=True))
+    assert_emulated(torch.zeros(2, pin_memory=True).to("cuda", non_blocking=True))
     with pytest.raises(RuntimeError, match="only dense CPU tensors can be pinned"):
         torch.ones(2, device="cuda").pin_memory()
 
@@ -503,6 +506,73 @@ def test_a_small_transformers_model_runs_as_on_the_cpu(emulated):
         model(ids)
 
 
+# --- loading weights ------------------------------------------------------------
+
+
+def saved_checkpoint(location: str | None = None) -> io.BytesIO:
+    """A torch.save file of a tensor, a view of it and a Parameter, its storages tagged `location`.
+
+    A file saved from GPU tensors tags their storages 'cuda:0'; there is no
+    GPU here to save from, so the tag is set as torch.save writes it.
+    """
+    buffer = io.BytesIO()
+    base = torch.arange(6.0)
+    checkpoint = {"base": base, "view": base[2:], "parameter": torch.nn.Parameter(torch.ones(2))}
+    original = torch.serialization.location_tag
+    if location is not None:
+        torch.serialization.location_tag = lambda storage: location
+    try:
+        torch.save(checkpoint, buffer)
+    finally:
+        torch.serialization.location_tag = original
+    buffer.seek(0)
+    return buffer
+
+
+LOCATIONS = {
+    "'cuda'": "cuda",
+    "'cuda:0'": "cuda:0",
+    "torch.device('cuda')": torch.device("cuda"),
+    "{'cpu': 'cuda:0'}": {"cpu": "cuda:0"},
+}
+
+
+@pytest.mark.parametrize("weights_only", [True, False])
+@pytest.mark.parametrize("map_location", LOCATIONS.values(), ids=LOCATIONS.keys())
+def test_torch_load_to_cuda_gives_emulated_tensors(emulated, map_location, weights_only):
+    loaded = torch.load(saved_checkpoint(), map_location=map_location, weights_only=weights_only)
+
+    for tensor in loaded.values():
+        assert_emulated(tensor)
+    assert isinstance(loaded["parameter"], torch.nn.Parameter)
+    assert loaded["view"].tolist() == [2.0, 3.0, 4.0, 5.0]
+    assert loaded["view"].untyped_storage().data_ptr() == loaded["base"].untyped_storage().data_ptr()
+
+
+def test_torch_load_of_a_gpu_checkpoint(emulated):
+    for tensor in torch.load(saved_checkpoint("cuda:0")).values():
+        assert_emulated(tensor)
+    for tensor in torch.load(saved_checkpoint("cuda:0"), map_location="cpu").values():
+        assert_plain_cpu(tensor)
+    for tensor in torch.load(saved_checkpoint()).values():
+        assert_plain_cpu(tensor)
+    with pytest.raises(RuntimeError, match="invalid device ordinal: cuda:3"):
+        torch.load(saved_checkpoint("cuda:3"))
+
+
+def test_safetensors_load_to_cuda_gives_emulated_tensors(emulated, tmp_path):
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    path = tmp_path / "weights.safetensors"
+    weights = {"w": torch.arange(4.0), "b": torch.ones(2, dtype=torch.bfloat16)}
+    safetensors_torch.save_file(weights, path)
+
+    loaded = safetensors_torch.load_file(path, device="cuda")
+
+    for name, tensor in loaded.items():
+        assert_emulated(tensor)
+        assert torch.equal(tensor.cpu(), weights[name])
+
+
 # --- .data and rebind ---------------------------------------------------------
 
 
@@ -615,6 +685,24 @@ def test_threads_started_after_patch_see_the_emulation(emulated):
         results.extend(pool.map(lambda _: work(), range(4)))
 
     assert results == [(True, "cuda:0", True)] * 5
+
+
+def test_a_thread_lets_go_of_the_emulation_when_it_ends(emulated, monkeypatch):
+    # Left on the stack, the mode would be released by the thread's C++
+    # destructors, racing interpreter shutdown (an abort at exit).
+    released = []
+    leave_mode = emulation._leave_mode
+
+    def recording_leave_mode() -> None:
+        leave_mode()
+        released.append((threading.get_ident(), torch._C._len_torch_function_stack()))
+
+    monkeypatch.setattr(emulation, "_leave_mode", recording_leave_mode)
+    thread = threading.Thread(target=lambda: torch.zeros(1, device="cuda"))
+    thread.start()
+    thread.join()
+
+    assert released == [(thread.ident, 0)]
 
 
 def test_a_thread_started_before_patch_is_told_why_cuda_fails():
@@ -780,19 +868,33 @@ def test_patch_fails_when_cuda_was_initialized_first(monkeypatch):
 
 def patched_attributes() -> dict[tuple[int, str], tuple[bool, object]]:
     """Every attribute patch() replaces, as (present, value) before any patch."""
-    owners = [torch._C, torch.Tensor, torch.utils, threading.Thread, *emulation._CUDA_MODULES]
+    owners = [
+        torch._C,
+        torch.Tensor,
+        torch.utils,
+        torch._utils,
+        threading.Thread,
+        *emulation._CUDA_MODULES,
+    ]
     names = [
         "_cuda_init",
         "_make_subclass",
         "swap_tensors",
         "_bootstrap_inner",
+        "_rebuild_tensor",
+        "_rebuild_tensor_v3",
         *emulation._CUDA_FUNCTIONS,
     ]
-    return {
+    attributes = {
         (id(owner), name): (name in vars(owner), vars(owner).get(name))
         for owner in owners
         for name in names
     }
+    attributes[(id(torch.serialization), "_package_registry")] = (
+        True,
+        tuple(torch.serialization._package_registry),
+    )
+    return attributes
 
 
 def test_unpatch_restores_torch_exactly():

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 import os
 import sys
 import threading
@@ -32,6 +31,7 @@ from typing import Any, Callable, NoReturn
 import torch
 import torch.cuda.memory
 import torch.cuda.random
+import torch.serialization
 from torch.overrides import TorchFunctionMode
 from torch.utils._device import DeviceContext, _device_constructors
 
@@ -142,8 +142,8 @@ class _Registry:
 _registry = _Registry()
 # The DeviceInfo while patched, None otherwise; the mode reads it on every call.
 _device: DeviceInfo | None = None
-# (owner, attribute, whether owner.__dict__ had it, the value it had), in patch order.
-_saved: list[tuple[Any, str, bool, Any]] = []
+# What unpatch() runs to undo each replacement, in patch order.
+_undo: list[Callable[[], None]] = []
 _patch_lock = threading.RLock()
 # torch's current CUDA device is per thread; so is the emulated one.
 _current = threading.local()
@@ -352,6 +352,9 @@ def _run(func: Callable, args: tuple, kwargs: dict) -> Any:
     device = kwargs.get("device")
     if device is None and func in _CONSTRUCTORS:
         device = _context_device()
+    if kwargs.get("pin_memory"):
+        # Pinning takes a CUDA context; emulated pinned memory is plain memory.
+        kwargs = {**kwargs, "pin_memory": False}
     if device is not None:
         return _create(func, args, kwargs, device)
     tensors = _tensors_in(args, kwargs)
@@ -654,14 +657,51 @@ def _swap_tensors(t1: torch.Tensor, t2: torch.Tensor) -> None:
                 _registry.set(tensor, index)
 
 
+# The attribute torch.load's storages carry when their tensors are emulated cuda.
+_STORAGE_INDEX = "_zerogpu_cuda_index"
+
+
+def _deserialize_on_cuda(storage: torch.UntypedStorage, location: str) -> Any:
+    """torch.load's deserializer for 'cuda' locations: the storage stays on the CPU.
+
+    torch's own one copies the storage to the GPU. The storage is tagged
+    instead, and the tensors rebuilt on it (_rebuild_marked) are marked.
+    """
+    if not location.startswith("cuda"):
+        return None
+    setattr(storage, _STORAGE_INDEX, _cuda_target(location))
+    return storage
+
+
+def _rebuild_marked(rebuild: Callable) -> Callable:
+    # functools.wraps keeps the name torch.load's weights-only unpickler allows.
+    @functools.wraps(rebuild)
+    def rebuilt(storage, *args, **kwargs):
+        tensor = rebuild(storage, *args, **kwargs)
+        index = getattr(storage._untyped_storage, _STORAGE_INDEX, None)
+        if index is not None:
+            _registry.set(tensor, index)
+        return tensor
+
+    return rebuilt
+
+
 def _bootstrap_inner(thread: threading.Thread) -> None:
     # Torch function modes live in thread-local state and a new thread starts
     # with none: without this, a web server's worker thread would run request
     # handlers against the real torch. Thread.run is overridden by subclasses;
     # _bootstrap_inner is what every threading.Thread runs first.
-    if _device is not None:
-        _enter_mode()
-    _ORIGINAL_BOOTSTRAP_INNER(thread)
+    entered = _device is not None and not _mode_active()
+    if entered:
+        torch._C._push_on_torch_function_stack(_MODE)
+    try:
+        _ORIGINAL_BOOTSTRAP_INNER(thread)
+    finally:
+        # A mode still on the stack is released by the thread's C++ destructors
+        # after join() has returned; if the interpreter is finalizing by then,
+        # taking the GIL there aborts the process. Release it here, in Python.
+        if entered:
+            _leave_mode()
 
 
 def _caller() -> str:
@@ -829,6 +869,8 @@ def _replacements() -> list[tuple[Any, str, Any]]:
         (torch.Tensor, "_make_subclass", staticmethod(_make_subclass)),
         (torch.utils, "swap_tensors", _swap_tensors),
         (threading.Thread, "_bootstrap_inner", _bootstrap_inner),
+        (torch._utils, "_rebuild_tensor", _rebuild_marked(torch._utils._rebuild_tensor)),
+        (torch._utils, "_rebuild_tensor_v3", _rebuild_marked(torch._utils._rebuild_tensor_v3)),
     ]
     for name, replacement in _CUDA_FUNCTIONS.items():
         original = getattr(torch.cuda, name, None)
@@ -841,18 +883,47 @@ def _replacements() -> list[tuple[Any, str, Any]]:
 
 
 def _install(owner: Any, name: str, value: Any) -> None:
-    had = name in vars(owner)
-    _saved.append((owner, name, had, vars(owner)[name] if had else None))
+    if name in vars(owner):
+        original = vars(owner)[name]
+        _undo.append(lambda: setattr(owner, name, original))
+    else:
+        _undo.append(lambda: delattr(owner, name))
     setattr(owner, name, value)
 
 
+def _install_deserializer() -> None:
+    """Put _deserialize_on_cuda in the place of torch.load's own 'cuda' deserializer.
+
+    The registry is a list other libraries append to, so the entry is
+    replaced where it stands and put back where it stands then.
+    """
+    registry = torch.serialization._package_registry
+    for position, (priority, tagger, deserializer) in enumerate(registry):
+        if _is_cuda_deserializer(deserializer):
+            ours = (priority, tagger, _deserialize_on_cuda)
+            registry[position] = ours
+            _undo.append(lambda: _put_back(registry, ours, (priority, tagger, deserializer)))
+            return
+
+
+def _is_cuda_deserializer(deserializer: Callable) -> bool:
+    return (
+        isinstance(deserializer, functools.partial)
+        and deserializer.func is torch.serialization._deserialize
+        and deserializer.args == ("cuda",)
+    )
+
+
+def _put_back(registry: list, ours: tuple, original: tuple) -> None:
+    for position, entry in enumerate(registry):
+        if entry is ours:
+            registry[position] = original
+            return
+
+
 def _restore() -> None:
-    while _saved:
-        owner, name, had, value = _saved.pop()
-        if had:
-            setattr(owner, name, value)
-        else:
-            delattr(owner, name)
+    while _undo:
+        _undo.pop()()
 
 
 # --- public functions ----------------------------------------------------------
@@ -888,6 +959,7 @@ def patch(device: DeviceInfo | None = None) -> None:
         try:
             for owner, name, value in _replacements():
                 _install(owner, name, value)
+            _install_deserializer()
         except BaseException:
             _restore()
             raise
