@@ -746,9 +746,14 @@ def test_load_safetensors_refuses_bad_files(tmp_path, kind, message):
     assert segments() == before
 
 
-def test_save_safetensors_refuses_dtypes_it_cannot_store(tmp_path):
+@pytest.mark.parametrize("tensors, message", [
+    ({"ok": torch.randn(2), "w": torch.randn(2, dtype=torch.complex128)},
+     "'w' is torch.complex128, which safetensors cannot store"),
+    ({"ok": torch.randn(2), "__metadata__": torch.randn(2)}, "named '__metadata__' cannot be saved"),
+], ids=["complex128", "metadata-name"])
+def test_save_safetensors_refuses_what_the_format_cannot_hold(tmp_path, tensors, message):
     path = tmp_path / "out.safetensors"
-    with Snapshot.pack({"ok": torch.randn(2), "w": torch.randn(2, dtype=torch.complex128)}) as snapshot:
-        with pytest.raises(InvalidArgument, match="'w' is torch.complex128, which safetensors cannot store"):
+    with Snapshot.pack(tensors) as snapshot:
+        with pytest.raises(InvalidArgument, match=message):
             snapshot.save_safetensors(path)
     assert list(tmp_path.iterdir()) == []

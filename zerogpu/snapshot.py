@@ -295,6 +295,9 @@ class Snapshot:
         """
         codes = []
         for entry in self.entries:
+            if entry.name == "__metadata__":
+                raise InvalidArgument("a tensor named '__metadata__' cannot be saved: safetensors keeps that key "
+                                      "for the file's metadata; rename it")
             code = SAFETENSORS_CODES.get(entry.dtype)
             if code is None:
                 raise InvalidArgument(f"{entry.name!r} is {entry.dtype}, which safetensors cannot store; "
