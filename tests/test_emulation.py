@@ -376,6 +376,8 @@ def test_pinned_memory_is_emulated_by_plain_memory(emulated):
     assert_plain_cpu(pinned)
     assert torch.equal(pinned, source)
     assert_plain_cpu(torch.empty(2, pin_memory=True))
+    assert_plain_cpu(torch.ones(2).new_empty(3, pin_memory=True))
+    assert not pinned.is_pinned()
     assert_emulated(torch.zeros(2, pin_memory=True).to("cuda", non_blocking=True))
     with pytest.raises(RuntimeError, match="only dense CPU tensors can be pinned"):
         torch.ones(2, device="cuda").pin_memory()
@@ -780,13 +782,28 @@ def test_mem_get_info_counts_the_emulated_tensors(emulated):
     assert torch.cuda.mem_get_info() == (free, total)
 
 
-def test_manual_seed_makes_emulated_randomness_repeatable(emulated):
-    torch.cuda.manual_seed(1234)
-    first = torch.randn(4, device="cuda")
-    torch.cuda.manual_seed_all(1234)
-    second = torch.randn(4, device="cuda")
-    assert torch.equal(first.cpu(), second.cpu())
-    assert torch.cuda._lazy_seed_tracker.get_calls(), "torch's own seeding must stay queued"
+def test_manual_seed_makes_emulated_randomness_repeatable(monkeypatch):
+    # torch's own manual_seed queues the seed for the real generators until a
+    # worker initializes CUDA; it must still be called, whatever it is then.
+    queued = []
+
+    def queue(seed: int) -> None:
+        queued.append(seed)
+
+    monkeypatch.setattr(torch.cuda, "manual_seed", queue)
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", queue)
+    emulation.patch()
+    try:
+        torch.cuda.manual_seed(1234)
+        first = torch.randn(4, device="cuda")
+        torch.cuda.manual_seed_all(1234)
+        second = torch.randn(4, device="cuda")
+    finally:
+        emulation.unpatch()
+
+    assert torch.equal(first, second)
+    assert queued == [1234, 1234]
+    assert torch.cuda.manual_seed is queue
     assert not torch.cuda.is_initialized()
 
 
@@ -884,6 +901,7 @@ def patched_attributes() -> dict[tuple[int, str], tuple[bool, object]]:
         "_rebuild_tensor",
         "_rebuild_tensor_v3",
         *emulation._CUDA_FUNCTIONS,
+        *emulation._CUDA_WRAPPERS,
     ]
     attributes = {
         (id(owner), name): (name in vars(owner), vars(owner).get(name))

@@ -144,13 +144,19 @@ _registry = _Registry()
 _device: DeviceInfo | None = None
 # What unpatch() runs to undo each replacement, in patch order.
 _undo: list[Callable[[], None]] = []
-_patch_lock = threading.RLock()
+_patch_lock = threading.Lock()
 # torch's current CUDA device is per thread; so is the emulated one.
 _current = threading.local()
 _cuda_devices: dict[int, torch.device] = {}
 
 
 # --- device arguments -------------------------------------------------------
+
+
+def _info() -> DeviceInfo:
+    """The DeviceInfo of the patch; the patched functions run only while there is one."""
+    assert _device is not None, "zerogpu.emulation: torch is not patched"
+    return _device
 
 
 def _current_index() -> int:
@@ -219,9 +225,9 @@ def _device_index(device: object) -> int:
         if device.type != "cuda":
             raise ValueError(f"Expected a cuda device, but got: {device}")
         index = _current_index() if device.index is None else device.index
-    assert _device is not None
-    if not 0 <= index < _device.count:
-        raise AssertionError(f"Invalid device id {index}: the emulated machine has {_device.count} GPU(s)")
+    count = _info().count
+    if not 0 <= index < count:
+        raise AssertionError(f"Invalid device id {index}: the emulated machine has {count} GPU(s)")
     return index
 
 
@@ -352,9 +358,6 @@ def _run(func: Callable, args: tuple, kwargs: dict) -> Any:
     device = kwargs.get("device")
     if device is None and func in _CONSTRUCTORS:
         device = _context_device()
-    if kwargs.get("pin_memory"):
-        # Pinning takes a CUDA context; emulated pinned memory is plain memory.
-        kwargs = {**kwargs, "pin_memory": False}
     if device is not None:
         return _create(func, args, kwargs, device)
     tensors = _tensors_in(args, kwargs)
@@ -543,6 +546,12 @@ def _pin_memory(func: Callable, args: tuple, kwargs: dict) -> Any:
     return torch.Tensor.clone(self, memory_format=torch.contiguous_format)
 
 
+def _is_pinned(func: Callable, args: tuple, kwargs: dict) -> bool:
+    # torch asks the CUDA driver, which takes a context to answer; emulated
+    # memory is never pinned.
+    return False
+
+
 def _metadata(func: Callable, args: tuple, kwargs: dict) -> Any:
     # Questions about tensors' types and layout, which torch answers across devices.
     return func(*args, **kwargs)
@@ -568,6 +577,7 @@ _HANDLERS: dict[Callable, Callable[[Callable, tuple, dict], Any]] = {
     torch.Tensor.numpy: _numpy,
     torch.Tensor.__array__: _numpy,
     torch.Tensor.pin_memory: _pin_memory,
+    torch.Tensor.is_pinned: _is_pinned,
     torch.Tensor.__getitem__: _self_decides,
     torch.Tensor.__setitem__: _self_decides,
     torch.Tensor.copy_: _self_decides,
@@ -590,6 +600,9 @@ class _CudaEmulation(TorchFunctionMode):
         if _device is None:
             # Unpatched: threads that still hold the mode see torch unchanged.
             return func(*args, **kwargs)
+        if kwargs.get("pin_memory"):
+            # Pinning takes a CUDA context; emulated pinned memory is plain memory.
+            kwargs = {**kwargs, "pin_memory": False}
         handler = _HANDLERS.get(func)
         if handler is not None:
             return handler(func, args, kwargs)
@@ -626,35 +639,42 @@ def _leave_mode() -> None:
 # --- the patched functions ----------------------------------------------------
 
 
-def _make_subclass(cls, data, requires_grad=False, **kwargs):
+def _make_subclass_marked(original: Callable) -> Callable:
     # Parameter(t) and Buffer-like subclasses wrap t's data in a new object
-    # without a torch function call; the wrapper lives where t does. The
-    # signature is the one torch._dynamo checks when it is imported; torch
-    # names the flag `require_grad`, which callers may pass by keyword.
-    kwargs.setdefault("require_grad", requires_grad)
-    tensor = _ORIGINAL_MAKE_SUBCLASS(cls, data, **kwargs)
-    index = _registry.index(data)
-    if index is not None:
-        _registry.set(tensor, index)
-    return tensor
+    # without a torch function call; the wrapper lives where t does.
+    def _make_subclass(cls, data, requires_grad=False, **kwargs):
+        # The signature torch._dynamo checks when it is imported; torch names
+        # the flag `require_grad`, which callers may pass by keyword.
+        kwargs.setdefault("require_grad", requires_grad)
+        tensor = original(cls, data, **kwargs)
+        index = _registry.index(data)
+        if index is not None:
+            _registry.set(tensor, index)
+        return tensor
+
+    return staticmethod(_make_subclass)
 
 
-def _swap_tensors(t1: torch.Tensor, t2: torch.Tensor) -> None:
+def _swap_tensors_marked(original: Callable) -> Callable:
     # swap_tensors exchanges what two Python objects hold, marks included. It
     # refuses tensors with weak references, so the registry lets go first.
-    first, second = _registry.index(t1), _registry.index(t2)
-    _registry.discard(t1)
-    _registry.discard(t2)
-    swapped = False
-    try:
-        _ORIGINAL_SWAP_TENSORS(t1, t2)
-        swapped = True
-    finally:
-        if swapped:
-            first, second = second, first
-        for tensor, index in ((t1, first), (t2, second)):
-            if index is not None:
-                _registry.set(tensor, index)
+    @functools.wraps(original)
+    def swap_tensors(t1: torch.Tensor, t2: torch.Tensor) -> None:
+        first, second = _registry.index(t1), _registry.index(t2)
+        _registry.discard(t1)
+        _registry.discard(t2)
+        swapped = False
+        try:
+            original(t1, t2)
+            swapped = True
+        finally:
+            if swapped:
+                first, second = second, first
+            for tensor, index in ((t1, first), (t2, second)):
+                if index is not None:
+                    _registry.set(tensor, index)
+
+    return swap_tensors
 
 
 # The attribute torch.load's storages carry when their tensors are emulated cuda.
@@ -686,22 +706,26 @@ def _rebuild_marked(rebuild: Callable) -> Callable:
     return rebuilt
 
 
-def _bootstrap_inner(thread: threading.Thread) -> None:
+def _bootstrap_emulated(original: Callable) -> Callable:
     # Torch function modes live in thread-local state and a new thread starts
     # with none: without this, a web server's worker thread would run request
     # handlers against the real torch. Thread.run is overridden by subclasses;
     # _bootstrap_inner is what every threading.Thread runs first.
-    entered = _device is not None and not _mode_active()
-    if entered:
-        torch._C._push_on_torch_function_stack(_MODE)
-    try:
-        _ORIGINAL_BOOTSTRAP_INNER(thread)
-    finally:
-        # A mode still on the stack is released by the thread's C++ destructors
-        # after join() has returned; if the interpreter is finalizing by then,
-        # taking the GIL there aborts the process. Release it here, in Python.
+    @functools.wraps(original)
+    def _bootstrap_inner(thread: threading.Thread) -> None:
+        entered = _device is not None and not _mode_active()
         if entered:
-            _leave_mode()
+            torch._C._push_on_torch_function_stack(_MODE)
+        try:
+            original(thread)
+        finally:
+            # A mode still on the stack is released by the thread's C++
+            # destructors after join() has returned; if the interpreter is
+            # finalizing by then, taking the GIL there aborts the process.
+            if entered:
+                _leave_mode()
+
+    return _bootstrap_inner
 
 
 def _caller() -> str:
@@ -749,8 +773,7 @@ def _is_available() -> bool:
 
 
 def _device_count() -> int:
-    assert _device is not None
-    return _device.count
+    return _info().count
 
 
 def _current_device() -> int:
@@ -773,13 +796,13 @@ def _exchange_device(device: int) -> int:
 
 def _get_device_properties(device: object = None) -> DeviceProperties:
     _device_index(device)
-    assert _device is not None
+    info = _info()
     return DeviceProperties(
-        name=_device.name,
-        major=_device.major,
-        minor=_device.minor,
-        total_memory=_device.total_memory,
-        multi_processor_count=_device.multi_processor_count,
+        name=info.name,
+        major=info.major,
+        minor=info.minor,
+        total_memory=info.total_memory,
+        multi_processor_count=info.multi_processor_count,
     )
 
 
@@ -795,14 +818,13 @@ def _get_device_capability(device: object = None) -> tuple[int, int]:
 def _mem_get_info(device: object = None) -> tuple[int, int]:
     """(free, total): free is total less the emulated tensors' memory on that device."""
     index = _device_index(device)
-    assert _device is not None
+    total = _info().total_memory
     storages = {}
     for tensor in _registry.tensors():
         if _registry.index(tensor) == index:
             storage = tensor.untyped_storage()
             storages[storage.data_ptr()] = storage.nbytes()
-    used = sum(storages.values())
-    return max(_device.total_memory - used, 0), _device.total_memory
+    return max(total - sum(storages.values()), 0), total
 
 
 def _synchronize(device: object = None) -> None:
@@ -821,27 +843,23 @@ def _set_per_process_memory_fraction(fraction: float, device: object = None) -> 
         raise ValueError(f"Invalid fraction value: {fraction}. Allowed range: 0~1")
 
 
-def _manual_seed(seed: int) -> None:
+def _seeding_emulated(original: Callable) -> Callable:
     # Emulated cuda tensors draw from the CPU generator; torch's own seeding of
     # the real generators stays queued until a worker initializes CUDA.
-    torch.default_generator.manual_seed(int(seed))
-    _ORIGINAL_MANUAL_SEED(seed)
+    @functools.wraps(original)
+    def manual_seed(seed: int) -> None:
+        torch.default_generator.manual_seed(int(seed))
+        original(seed)
 
+    return manual_seed
 
-def _manual_seed_all(seed: int) -> None:
-    torch.default_generator.manual_seed(int(seed))
-    _ORIGINAL_MANUAL_SEED_ALL(seed)
-
-
-_ORIGINAL_MAKE_SUBCLASS = torch.Tensor._make_subclass
-_ORIGINAL_SWAP_TENSORS = torch.utils.swap_tensors
-_ORIGINAL_BOOTSTRAP_INNER = threading.Thread._bootstrap_inner
-_ORIGINAL_MANUAL_SEED = torch.cuda.manual_seed
-_ORIGINAL_MANUAL_SEED_ALL = torch.cuda.manual_seed_all
-
-# torch.cuda functions answered from the DeviceInfo, by name. Each is replaced
-# wherever torch binds it (torch.cuda re-exports torch.cuda.memory's and
-# torch.cuda.random's functions).
+# torch.cuda functions answered from the DeviceInfo, by name, and those wrapped
+# (made from torch's own). Each is replaced wherever torch binds it: torch.cuda
+# re-exports torch.cuda.memory's and torch.cuda.random's functions.
+_CUDA_WRAPPERS: dict[str, Callable[[Callable], Callable]] = {
+    "manual_seed": _seeding_emulated,
+    "manual_seed_all": _seeding_emulated,
+}
 _CUDA_FUNCTIONS: dict[str, Callable] = {
     "_lazy_init": _refuse_cuda_init,
     "is_available": _is_available,
@@ -857,25 +875,28 @@ _CUDA_FUNCTIONS: dict[str, Callable] = {
     "synchronize": _synchronize,
     "empty_cache": _empty_cache,
     "set_per_process_memory_fraction": _set_per_process_memory_fraction,
-    "manual_seed": _manual_seed,
-    "manual_seed_all": _manual_seed_all,
 }
 _CUDA_MODULES = (torch.cuda, torch.cuda.memory, torch.cuda.random)
 
 
 def _replacements() -> list[tuple[Any, str, Any]]:
+    """(owner, attribute, value) for everything patch() replaces, wrapping what is there now."""
     replacements: list[tuple[Any, str, Any]] = [
         (torch._C, "_cuda_init", _refuse_cuda_init),
-        (torch.Tensor, "_make_subclass", staticmethod(_make_subclass)),
-        (torch.utils, "swap_tensors", _swap_tensors),
-        (threading.Thread, "_bootstrap_inner", _bootstrap_inner),
+        (torch.Tensor, "_make_subclass", _make_subclass_marked(torch.Tensor._make_subclass)),
+        (torch.utils, "swap_tensors", _swap_tensors_marked(torch.utils.swap_tensors)),
+        (threading.Thread, "_bootstrap_inner", _bootstrap_emulated(threading.Thread._bootstrap_inner)),
         (torch._utils, "_rebuild_tensor", _rebuild_marked(torch._utils._rebuild_tensor)),
         (torch._utils, "_rebuild_tensor_v3", _rebuild_marked(torch._utils._rebuild_tensor_v3)),
     ]
-    for name, replacement in _CUDA_FUNCTIONS.items():
+    for name in (*_CUDA_FUNCTIONS, *_CUDA_WRAPPERS):
         original = getattr(torch.cuda, name, None)
         if original is None:  # e.g. _maybe_exchange_device, new in torch 2.3
             continue
+        if name in _CUDA_WRAPPERS:
+            replacement = _CUDA_WRAPPERS[name](original)
+        else:
+            replacement = _CUDA_FUNCTIONS[name]
         for module in _CUDA_MODULES:
             if getattr(module, name, None) is original:
                 replacements.append((module, name, replacement))
