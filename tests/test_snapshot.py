@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import errno
 import gc
 import json
 import mmap
@@ -269,6 +270,24 @@ def test_a_failing_progress_callback_leaves_nothing_behind():
     before = segments()
     with pytest.raises(KeyboardInterrupt):
         Snapshot.pack({"a": torch.randn(10), "b": torch.randn(10)}, progress=fail)
+    assert segments() == before
+
+
+def test_running_out_of_space_while_writing_leaves_nothing_behind(monkeypatch):
+    # /dev/shm filling up between the free-space check and the copy (another process took it).
+    real_pwrite = os.pwrite
+    calls = []
+
+    def pwrite(fd: int, data, offset: int) -> int:
+        calls.append(offset)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    before = segments()
+    with pytest.raises(SnapshotError, match="could not write snapshot .* No space left on device; free space"):
+        Snapshot.pack({"a": torch.randn(10), "b": torch.randn(10)})
     assert segments() == before
 
 
