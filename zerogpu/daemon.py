@@ -46,6 +46,7 @@ log = logging.getLogger("zerogpu.daemon")
 HEARTBEAT_TIMEOUT = 5.0   # seconds of silence after which a client counts as dead
 EVICT_TIMEOUT = 5.0       # seconds a client has to kill an idle worker when asked
 TICK = 0.1                # how often queue timeouts are checked
+MAX_WAITING = 4096        # calls one client may have in the queue at once
 SWEEP_EVERY = 2.0         # how often dead processes' leases are looked for
 UCRED = struct.Struct("3i")
 
@@ -137,6 +138,9 @@ class Connection:
                     key: str | None, timeout: float | None) -> dict | None:
         request = LeaseRequest(Identity(user, tier), duration, size, key)
         timeout = settings.queue_timeout() if timeout is None else timeout
+        with self._lock:
+            if len(self._waiting) >= MAX_WAITING:
+                raise SchedulerError(f"this client already has {MAX_WAITING} calls waiting for a GPU")
         waiter = self.daemon.scheduler.submit(
             request, timeout=timeout, owner=self, process=self.process,
             on_done=lambda waiter: self._served(rid, waiter),
@@ -482,7 +486,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--large-per-gpu", type=int, default=2, help="large calls sharing one GPU")
     parser.add_argument("--aging", type=float, default=Policy.aging, help="seconds of waiting per tier lifted")
     parser.add_argument("--ledger", help="the quota database (default: under ZEROGPU_DATA_DIR)")
-    parser.add_argument("--heartbeat-timeout", type=float, default=HEARTBEAT_TIMEOUT)
+    parser.add_argument("--heartbeat-timeout", type=float, default=HEARTBEAT_TIMEOUT,
+                        help="seconds of silence after which a client's leases come back "
+                             "(clients speak at least every second: keep it at 3 or more)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s zerogpu-daemon %(levelname)s %(message)s")
     try:
