@@ -139,7 +139,7 @@ class Waiter:
     """
 
     __slots__ = ("request", "lease_id", "owner", "process", "left", "arrival", "seq", "deadline",
-                 "on_done", "done", "lease", "error", "granted_at")
+                 "on_done", "done", "lease", "error")
 
     def __init__(self, request: LeaseRequest, lease_id: int, owner: Hashable, process: Owner,
                  left: float, arrival: float, seq: int, deadline: float,
@@ -156,7 +156,6 @@ class Waiter:
         self.done: threading.Event | None = None
         self.lease: Lease | None = None
         self.error: BaseException | None = None
-        self.granted_at: float | None = None
 
     def priority(self, policy: Policy, now: float) -> tuple:
         request = self.request
@@ -269,7 +268,6 @@ class EmbeddedScheduler(Scheduler):
         if held is not None:
             held.park = None
             waiter.lease = held.lease
-            waiter.granted_at = now
             return waiter
         waiter.done = threading.Event()  # only a call that waits needs one
         with self._lock:
@@ -620,7 +618,6 @@ class EmbeddedScheduler(Scheduler):
         self._occupy(held)
         del self._waiters[waiter.seq]
         waiter.lease = held.lease
-        waiter.granted_at = now
 
     def _grant_warm(self, waiter: Waiter, held: Held, now: float) -> None:
         held.state = RUNNING
@@ -630,7 +627,6 @@ class EmbeddedScheduler(Scheduler):
                            waiter.request, warm=True)
         del self._waiters[waiter.seq]
         waiter.lease = held.lease
-        waiter.granted_at = now
 
     def _new_held(self, lease_id: int, request: LeaseRequest, owner: Hashable, process: Owner,
                   spot: tuple[int, list[int]], now: float) -> Held:
