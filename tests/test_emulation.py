@@ -26,6 +26,11 @@ MISMATCH = (
 )
 
 
+def forget_marks() -> None:
+    for tensor in emulation.live_tensors():
+        emulation.unmark(tensor)
+
+
 @pytest.fixture
 def emulated():
     """torch patched for the test only; every mark is forgotten afterwards."""
@@ -34,6 +39,7 @@ def emulated():
         yield emulation
     finally:
         emulation.unpatch()
+        forget_marks()
     assert not emulation.is_patched()
 
 
@@ -586,7 +592,7 @@ def test_setting_data_moves_the_tensor_where_the_data_is(emulated):
     assert_plain_cpu(parameter)
 
 
-def test_rebind_keeps_the_mark(emulated):
+def test_rebind_keeps_the_mark_unless_told(emulated):
     parameter = torch.nn.Parameter(torch.zeros(4, device="cuda"))
     view = torch.arange(8.0)[::2]
     emulation.rebind(parameter, view)
@@ -602,11 +608,21 @@ def test_rebind_keeps_the_mark(emulated):
     emulation.rebind(other, torch.ones(2))
     assert_plain_cpu(other)
 
+    emulation.rebind(other, torch.arange(2.0), mark=True)
+    assert_emulated(other)
+    assert other.tolist() == [0.0, 1.0]
+    restored = torch.full((4,), 9.0)
+    emulation.rebind(parameter, restored, mark=False)
+    assert_plain_cpu(parameter)
+    assert parameter.data_ptr() == restored.data_ptr()
+
 
 def test_rebind_refuses_bad_arguments(emulated):
     parameter = torch.nn.Parameter(torch.zeros(2, device="cuda"))
     with pytest.raises(InvalidArgument, match="CPU tensor"):
         emulation.rebind(parameter, torch.zeros(2, device="meta"))
+    with pytest.raises(InvalidArgument, match="CPU tensor"):
+        emulation.rebind(torch.zeros(2), torch.zeros(2, device="meta"), mark=True)
     with pytest.raises(InvalidArgument, match="torch.Tensor"):
         emulation.rebind(parameter, [1.0, 2.0])
     with pytest.raises(InvalidArgument, match="torch.Tensor"):
@@ -733,6 +749,53 @@ def test_a_thread_started_before_patch_is_told_why_cuda_fails():
     assert isinstance(errors[0], CudaInitialized)
     assert "early-worker" in str(errors[0])
     assert "started before zerogpu patched torch" in str(errors[0])
+
+
+def test_activate_brings_the_emulation_to_a_thread_started_before_patch():
+    started, go = threading.Event(), threading.Event()
+    results = []
+
+    def early() -> None:
+        started.set()
+        go.wait()
+        emulation.activate()
+        made = torch.zeros(2, device="cuda")
+        results.append((emulation.is_cuda(made), str(made.device)))
+
+    thread = threading.Thread(target=early)
+    thread.start()
+    started.wait()
+    emulation.patch()
+    try:
+        go.set()
+        thread.join()
+    finally:
+        emulation.unpatch()
+        forget_marks()
+    assert results == [(True, "cuda:0")]
+
+
+def test_activate_needs_a_patched_process():
+    with pytest.raises(InvalidArgument, match="call zerogpu.emulation.patch"):
+        emulation.activate()
+
+
+def test_suspended_shows_the_data_as_it_is(emulated):
+    weights = torch.ones(3, device="cuda")
+    with emulation.suspended():
+        assert weights.device == torch.device("cpu")
+        assert not emulation.is_cuda(weights.data)
+        assert not emulation.is_cuda(weights * 2)
+        with pytest.raises(CudaInitialized) as raised:
+            torch.zeros(1, device="cuda")
+        assert "started before zerogpu patched torch" not in str(raised.value)
+        seen_by_others = []
+        thread = threading.Thread(target=lambda: seen_by_others.append(str(weights.device)))
+        thread.start()
+        thread.join()
+        assert seen_by_others == ["cuda:0"]
+    assert_emulated(weights)
+    assert_emulated(weights * 2)
 
 
 # --- torch.cuda queries -------------------------------------------------------
@@ -934,9 +997,13 @@ def test_unpatch_restores_torch_exactly():
     assert torch.cuda.is_available is is_available
     assert "_make_subclass" not in vars(torch.Tensor)
     assert torch._C._len_torch_function_stack() == stack_before
-    assert emulation.live_tensors() == []
-    assert_plain_cpu(marked)
     assert torch.cuda.is_available() == is_available()
+    assert marked.device == torch.device("cpu")
+    assert repr(marked) == "tensor([1., 1.])"
+    # A worker on the real cuda backend unpatches, then moves what was recorded.
+    assert emulation.is_cuda(marked)
+    assert any(tensor is marked for tensor in emulation.live_tensors())
+    forget_marks()
 
 
 def test_unpatch_keeps_modes_pushed_after_patch(emulated):

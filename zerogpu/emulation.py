@@ -20,13 +20,14 @@ that would still initialize CUDA raises `CudaInitialized` naming the call.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
 import sys
 import threading
 import weakref
-from typing import Any, Callable, NoReturn
+from typing import Any, Callable, Iterator, NoReturn
 
 import torch
 import torch.cuda.memory
@@ -42,6 +43,8 @@ __all__ = [
     "DeviceProperties",
     "patch",
     "unpatch",
+    "activate",
+    "suspended",
     "is_patched",
     "is_cuda",
     "mark",
@@ -145,8 +148,9 @@ _device: DeviceInfo | None = None
 # What unpatch() runs to undo each replacement, in patch order.
 _undo: list[Callable[[], None]] = []
 _patch_lock = threading.Lock()
-# torch's current CUDA device is per thread; so is the emulated one.
-_current = threading.local()
+# Per thread: the emulated current device (torch's is per thread too) and
+# whether the thread is in suspended().
+_thread = threading.local()
 _cuda_devices: dict[int, torch.device] = {}
 
 
@@ -160,7 +164,7 @@ def _info() -> DeviceInfo:
 
 
 def _current_index() -> int:
-    return getattr(_current, "index", 0)
+    return getattr(_thread, "index", 0)
 
 
 def _cuda_device(index: int) -> torch.device:
@@ -754,7 +758,7 @@ def _is_library_file(filename: str) -> bool:
 def _refuse_cuda_init(*args: object, **kwargs: object) -> NoReturn:
     call = _caller()
     hint = ""
-    if not _mode_active():
+    if not _mode_active() and not getattr(_thread, "suspended", False):
         hint = (
             f" This thread ({threading.current_thread().name}) was started before zerogpu "
             "patched torch, so the emulation is not active in it: enable zerogpu before "
@@ -783,14 +787,14 @@ def _current_device() -> int:
 def _set_device(device: object) -> None:
     if isinstance(device, int) and device < 0:
         return
-    _current.index = _device_index(device)
+    _thread.index = _device_index(device)
 
 
 def _exchange_device(device: int) -> int:
     if device < 0:
         return -1
     previous = _current_index()
-    _current.index = _device_index(device)
+    _thread.index = _device_index(device)
     return previous
 
 
@@ -989,10 +993,12 @@ def patch(device: DeviceInfo | None = None) -> None:
 
 
 def unpatch() -> None:
-    """Give torch back exactly as it was and forget every mark.
+    """Give torch back exactly as it was.
 
-    Threads other than the caller may keep the mode on their stacks; unpatched,
-    it passes every call through unchanged.
+    The record of emulated tensors is kept: a worker on the real cuda backend
+    unpatches first, then moves the recorded tensors onto its GPU. Threads
+    other than the caller may keep the mode on their stacks; unpatched, it
+    passes every call through unchanged.
     """
     global _device
     with _patch_lock:
@@ -1001,8 +1007,40 @@ def unpatch() -> None:
         _device = None
         _restore()
         _leave_mode()
-        _registry.clear()
-        _current.__dict__.clear()
+        vars(_thread).pop("index", None)
+
+
+def activate() -> None:
+    """Make sure the calling thread runs with the emulation, in a process already patched.
+
+    A forked worker inherits the patch, but only the thread that forked it,
+    which need not have had the emulation (a thread started before patch()).
+    """
+    if _device is None:
+        raise InvalidArgument(
+            "activate() needs torch patched in this process: call zerogpu.emulation.patch() first"
+        )
+    _enter_mode()
+
+
+@contextlib.contextmanager
+def suspended() -> Iterator[None]:
+    """Run the block in this thread with torch unpatched: emulated tensors are plain CPU tensors.
+
+    For code that must see the data as it is, such as packing a snapshot.
+    Other threads keep the emulation.
+    """
+    active = _mode_active()
+    if active:
+        _leave_mode()
+    was_suspended = getattr(_thread, "suspended", False)
+    _thread.suspended = True
+    try:
+        yield
+    finally:
+        _thread.suspended = was_suspended
+        if active and _device is not None:
+            _enter_mode()
 
 
 def is_patched() -> bool:
@@ -1045,26 +1083,33 @@ def unmark(tensor: torch.Tensor) -> None:
     _registry.discard(tensor)
 
 
-def rebind(tensor: torch.Tensor, data: torch.Tensor) -> None:
-    """`tensor.data = data`, keeping `tensor` emulated cuda if it was (or if `data` is).
+def rebind(tensor: torch.Tensor, data: torch.Tensor, *, mark: bool | None = None) -> None:
+    """`tensor.data = data`, with `tensor` emulated cuda afterwards as the runtime says.
 
-    The runtime rebinds registered tensors to views of a snapshot or of a
-    restored buffer; those views are plain CPU tensors, and a plain `.data =`
-    would move the tensor to the CPU as it does in torch.
+    The runtime rebinds recorded tensors to views of a snapshot or of a
+    restored buffer; those views are plain tensors, and a plain `.data =`
+    would move the tensor to the CPU as it does in torch. `mark=None` keeps
+    `tensor` emulated cuda if it was (or if `data` is); True makes it so
+    (`data` must then be a CPU tensor); False makes it a plain tensor, as for
+    a worker's real GPU memory.
     """
     if not isinstance(tensor, torch.Tensor):
         raise InvalidArgument(f"rebind() takes a torch.Tensor, not {type(tensor).__name__}")
+    if not isinstance(data, torch.Tensor):
+        raise InvalidArgument(f"rebind() takes a torch.Tensor as data, not {type(data).__name__}")
     index = _registry.index(tensor)
     if index is None:
         index = _registry.index(data)
+    if mark is None:
+        mark = index is not None
     with torch._C.DisableTorchFunction():
-        if index is not None:
-            _check_emulable(data, "rebind()")
-        elif not isinstance(data, torch.Tensor):
-            raise InvalidArgument(f"rebind() takes a torch.Tensor as data, not {type(data).__name__}")
+        if mark:
+            _check_emulable(data, "rebind(mark=True)")
         torch.Tensor.data.__set__(tensor, data)
-    if index is not None:
-        _registry.set(tensor, index)
+    if mark:
+        _registry.set(tensor, index if index is not None else _current_index())
+    else:
+        _registry.discard(tensor)
 
 
 def live_tensors() -> list[torch.Tensor]:
