@@ -66,7 +66,7 @@ TENSOR_MOVES = {
     "cuda()": lambda t: t.cuda(),
     "cuda(0)": lambda t: t.cuda(0),
     "cuda('cuda:0')": lambda t: t.cuda("cuda:0"),
-    "cuda(device=..., non_blocking)": lambda t: t.cuda(device=torch.device("cuda"), non_blocking=True),
+    "cuda(device=...)": lambda t: t.cuda(device=torch.device("cuda"), non_blocking=True),
     "to('cuda')": lambda t: t.to("cuda"),
     "to('cuda:0')": lambda t: t.to("cuda:0"),
     "to(0)": lambda t: t.to(0),
@@ -163,7 +163,12 @@ FACTORIES = {
     "new_zeros(cpu)": lambda d: torch.ones(2).new_zeros(3, device=d),
     "empty_strided": lambda d: torch.empty_strided((2, 2), (2, 1), device=d),
 }
-DEVICES = {"'cuda'": "cuda", "'cuda:0'": "cuda:0", "0": 0, "torch.device('cuda')": torch.device("cuda")}
+DEVICES = {
+    "'cuda'": "cuda",
+    "'cuda:0'": "cuda:0",
+    "0": 0,
+    "torch.device('cuda')": torch.device("cuda"),
+}
 
 
 @pytest.mark.parametrize("device", DEVICES.values(), ids=DEVICES.keys())
@@ -474,7 +479,8 @@ def test_module_to_empty_on_cuda(emulated):
 
 def test_training_step_keeps_gradients_and_parameters_on_cuda(emulated):
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1)).cuda()
+    layers = torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1)
+    model = torch.nn.Sequential(*layers).cuda()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     before = [p.detach().cpu() for p in model.parameters()]
 
@@ -554,7 +560,8 @@ def test_torch_load_to_cuda_gives_emulated_tensors(emulated, map_location, weigh
         assert_emulated(tensor)
     assert isinstance(loaded["parameter"], torch.nn.Parameter)
     assert loaded["view"].tolist() == [2.0, 3.0, 4.0, 5.0]
-    assert loaded["view"].untyped_storage().data_ptr() == loaded["base"].untyped_storage().data_ptr()
+    view, base = loaded["view"].untyped_storage(), loaded["base"].untyped_storage()
+    assert view.data_ptr() == base.data_ptr()
 
 
 def test_torch_load_of_a_gpu_checkpoint(emulated):
@@ -1065,14 +1072,16 @@ NO_CONTEXT_SCRIPT = textwrap.dedent(
         repr(out); out.cpu(); torch.cuda.synchronize()
         with torch.device("cuda"):
             torch.nn.Linear(2, 2)
-        queries = [torch.cuda.is_available(), torch.cuda.device_count(), torch.cuda.current_device(),
-                   torch.cuda.get_device_name(), str(torch.cuda.get_device_properties(0)),
+        queries = [torch.cuda.is_available(), torch.cuda.device_count(),
+                   torch.cuda.current_device(), torch.cuda.get_device_name(),
+                   str(torch.cuda.get_device_properties(0)),
                    torch.cuda.get_device_capability(), torch.cuda.mem_get_info()]
         torch.cuda.manual_seed(0); torch.cuda.manual_seed_all(0)
         torch.cuda.set_per_process_memory_fraction(0.5); torch.cuda.empty_cache()
         with torch.cuda.device(0):
             torch.zeros(1, device="cuda")
-        return all(emulation.is_cuda(t) for t in moved + made + [out, *model.parameters()])
+        emulated = all(emulation.is_cuda(t) for t in moved + made + [out, *model.parameters()])
+        return emulated and queries[:3] == [True, 1, 0]
 
     results = [workload()]
     thread = threading.Thread(target=lambda: results.append(workload()))

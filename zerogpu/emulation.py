@@ -148,6 +148,16 @@ _device: DeviceInfo | None = None
 # What unpatch() runs to undo each replacement, in patch order.
 _undo: list[Callable[[], None]] = []
 _patch_lock = threading.Lock()
+
+
+def _new_patch_lock() -> None:
+    # A worker is forked from whatever thread asks for it; one that forked
+    # while another thread held the lock would find it held forever.
+    global _patch_lock
+    _patch_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_patch_lock)
 # Per thread: the emulated current device (torch's is per thread too) and
 # whether the thread is in suspended().
 _thread = threading.local()
@@ -544,9 +554,8 @@ def _pin_memory(func: Callable, args: tuple, kwargs: dict) -> Any:
     """Pinning needs a CUDA context; an emulated pinned copy is a plain copy."""
     self = args[0]
     if _registry.index(self) is not None:
-        raise RuntimeError(
-            f"cannot pin '{_type(torch.Tensor.type, (self,), {})}' only dense CPU tensors can be pinned"
-        )
+        name = _type(torch.Tensor.type, (self,), {})
+        raise RuntimeError(f"cannot pin '{name}' only dense CPU tensors can be pinned")
     return torch.Tensor.clone(self, memory_format=torch.contiguous_format)
 
 
@@ -734,7 +743,7 @@ def _bootstrap_emulated(original: Callable) -> Callable:
 
 def _caller() -> str:
     """The torch call that reached us and where user code made it."""
-    frame = sys._getframe(2)
+    frame = sys._getframe(1).f_back
     call = None
     while frame is not None and _is_library_file(frame.f_code.co_filename):
         module = frame.f_globals.get("__name__", "?")
@@ -889,7 +898,11 @@ def _replacements() -> list[tuple[Any, str, Any]]:
         (torch._C, "_cuda_init", _refuse_cuda_init),
         (torch.Tensor, "_make_subclass", _make_subclass_marked(torch.Tensor._make_subclass)),
         (torch.utils, "swap_tensors", _swap_tensors_marked(torch.utils.swap_tensors)),
-        (threading.Thread, "_bootstrap_inner", _bootstrap_emulated(threading.Thread._bootstrap_inner)),
+        (
+            threading.Thread,
+            "_bootstrap_inner",
+            _bootstrap_emulated(threading.Thread._bootstrap_inner),
+        ),
         (torch._utils, "_rebuild_tensor", _rebuild_marked(torch._utils._rebuild_tensor)),
         (torch._utils, "_rebuild_tensor_v3", _rebuild_marked(torch._utils._rebuild_tensor_v3)),
     ]
