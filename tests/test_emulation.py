@@ -1047,6 +1047,7 @@ NO_CONTEXT_SCRIPT = textwrap.dedent(
     from zerogpu import emulation
 
     emulation.patch()
+    import torch._dynamo  # checks the signature of what replaced Tensor._make_subclass
     reached = []
     refuse_lazy_init, refuse_cuda_init = torch.cuda._lazy_init, torch._C._cuda_init
 
