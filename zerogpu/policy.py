@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from . import settings
 from .errors import InvalidArgument
 from .identity import TIERS
 
@@ -33,7 +34,7 @@ class Policy:
     """How one node shares its GPUs.
 
     `daily_quota`: large-seconds per identity per UTC day, by tier (missing
-    tiers keep their defaults). `max_duration`: the longest call a tier may
+    tiers keep ZEROGPU_QUOTA's value, else ZeroGPU's defaults). `max_duration`: the longest call a tier may
     ask for, in seconds (default: its daily quota). `large_per_gpu`: how many
     `large` calls share one GPU, each capped to that fraction of its memory.
     `aging`: seconds of waiting that lift a call by one tier.
@@ -45,7 +46,7 @@ class Policy:
     aging: float = DEFAULT_AGING
 
     def __post_init__(self) -> None:
-        quota = {**DAILY_QUOTA, **self.daily_quota}
+        quota = {**DAILY_QUOTA, **settings.daily_quotas(), **self.daily_quota}
         longest = {**quota, **self.max_duration}
         for name, table in (("daily_quota", quota), ("max_duration", longest)):
             for tier, seconds in table.items():

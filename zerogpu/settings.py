@@ -83,6 +83,24 @@ def cuda_visible_devices() -> str | None:
     return os.environ.get("CUDA_VISIBLE_DEVICES")
 
 
+def daily_quotas() -> dict[str, float]:
+    """ZEROGPU_QUOTA: daily GPU seconds by tier, e.g. "anonymous=600,free=900,pro=3600".
+
+    Tiers not named keep ZeroGPU's defaults (anonymous 120, free 210, pro 1500).
+    """
+    value = os.environ.get("ZEROGPU_QUOTA", "").strip()
+    quotas: dict[str, float] = {}
+    for item in filter(None, (part.strip() for part in value.split(","))):
+        tier, sep, seconds = item.partition("=")
+        try:
+            quotas[tier.strip()] = float(seconds)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise InvalidArgument(f"ZEROGPU_QUOTA={value!r}: write TIER=SECONDS[,TIER=SECONDS], e.g. pro=3600")
+    return quotas
+
+
 def scheduler_socket() -> str | None:
     """ZEROGPU_SCHEDULER: the node daemon's unix socket; unset means the embedded scheduler."""
     return os.environ.get("ZEROGPU_SCHEDULER") or None

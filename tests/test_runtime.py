@@ -1,0 +1,566 @@
+"""The @zerogpu.GPU runtime on the emulated backend: calls, streams, and every way a worker dies.
+
+Each test enables zerogpu (emulated, two emulated GPUs, a private quota file),
+decorates its functions inside the test, and the `runtime` fixture checks at
+the end that no lease is still held; the autouse fixture in conftest checks
+that no worker process and no shared-memory segment is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from datetime import timedelta
+
+import psutil
+import pytest
+import torch
+
+import zerogpu
+from zerogpu import runtime
+from zerogpu.scheduler import scheduler
+
+
+class NotPicklable(Exception):
+    def __init__(self, message):
+        super().__init__(message)
+        self.lock = threading.Lock()
+
+
+def held_leases() -> int:
+    return len(scheduler().status()["leases"])
+
+
+@pytest.fixture
+def gpu(tmp_path, monkeypatch):
+    """zerogpu enabled on the emulated backend; checks that no lease outlives the test."""
+    monkeypatch.setenv("ZEROGPU_BACKEND", "emulated")
+    monkeypatch.setenv("ZEROGPU_EMULATED_GPUS", "2")
+    monkeypatch.setenv("ZEROGPU_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("ZEROGPU_TIMEOUT_GRACE", "0.3")
+    monkeypatch.setenv("ZEROGPU_QUOTA", "anonymous=100000")
+    monkeypatch.delenv("ZEROGPU_EMULATED_FAULTS", raising=False)
+    monkeypatch.delenv("ZEROGPU_IDLE_TIMEOUT", raising=False)
+    zerogpu.enable()
+    try:
+        yield zerogpu
+        assert held_leases() == 0, scheduler().status()["leases"]
+    finally:
+        runtime.disable()
+
+
+# -- the happy paths ---------------------------------------------------------
+
+
+def test_call_runs_in_a_worker_with_the_restored_model(gpu):
+    model = torch.nn.Linear(8, 4)
+    expected_weight = model.weight.detach().clone()
+    expected_bias = model.bias.detach().clone()
+    model.to("cuda")
+    weight_object = model.weight
+
+    @zerogpu.GPU(duration=20)
+    def forward(x):
+        assert model.weight is weight_object  # the same Parameter, rebound
+        assert model.weight.device == torch.device("cuda", 0)
+        return os.getpid(), model(x.to("cuda")), model.weight
+
+    x = torch.randn(3, 8)
+    pid, y, weight = forward(x)
+    assert pid != os.getpid()
+    assert torch.equal(weight, expected_weight)
+    assert y.device.type == "cpu"
+    assert torch.allclose(y, torch.nn.functional.linear(x, expected_weight, expected_bias))
+
+
+def test_the_parent_weights_become_views_of_the_snapshot(gpu):
+    model = torch.nn.Linear(64, 64).to("cuda")
+    before = model.weight.data_ptr()
+    zerogpu.startup()
+    assert model.weight.data_ptr() != before
+    assert model.weight.device == torch.device("cuda", 0)
+    (packed,) = runtime.models()
+    start = packed.snapshot.address
+    assert start <= model.weight.data_ptr() < start + packed.snapshot.nbytes
+
+
+def test_generator_streams_each_value_as_it_is_produced(gpu, tmp_path):
+    gate = tmp_path / "gate"
+
+    @zerogpu.GPU
+    def count(n):
+        for i in range(n):
+            if i == 1:
+                while not gate.exists():  # the second value waits until the first arrived
+                    time.sleep(0.01)
+            yield i
+
+    stream = count(3)
+    assert next(stream) == 0
+    gate.touch()
+    assert list(stream) == [1, 2]
+
+
+def test_async_function_and_async_generator(gpu):
+    @zerogpu.GPU
+    async def double(x):
+        await asyncio.sleep(0)
+        return 2 * x
+
+    @zerogpu.GPU
+    async def letters(word):
+        for letter in word:
+            await asyncio.sleep(0)
+            yield letter
+
+    async def main():
+        collected = [letter async for letter in letters("gpu")]
+        return await double(21), collected
+
+    assert asyncio.run(main()) == (42, ["g", "p", "u"])
+
+
+def test_nested_decorated_call_runs_inline_in_the_worker(gpu):
+    @zerogpu.GPU
+    def inner():
+        return os.getpid()
+
+    @zerogpu.GPU
+    def outer():
+        return os.getpid(), inner()
+
+    outer_pid, inner_pid = outer()
+    assert outer_pid == inner_pid != os.getpid()
+
+
+def test_worker_may_start_subprocesses_and_none_survives_the_call(gpu):
+    @zerogpu.GPU
+    def start_sleeper():
+        sleeper = subprocess.Popen(["sleep", "60"])
+        out = subprocess.run([sys.executable, "-c", "print(6 * 7)"], capture_output=True, text=True)
+        return sleeper.pid, out.stdout.strip()
+
+    sleeper_pid, printed = start_sleeper()
+    assert printed == "42"
+    deadline = time.monotonic() + 5
+    while psutil.pid_exists(sleeper_pid) and psutil.Process(sleeper_pid).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, "the worker's subprocess outlived the call"
+        time.sleep(0.01)
+
+
+def test_one_gigabyte_result(gpu):
+    @zerogpu.GPU(duration=60)
+    def big():
+        return torch.ones(2**28, dtype=torch.float32, device="cuda")  # 1 GiB
+
+    result = big()
+    assert result.shape == (2**28,) and result.device.type == "cpu"
+    assert float(result[0]) == 1.0 and float(result[-1]) == 1.0 and float(result.sum()) == 2**28
+
+
+def test_threads_calling_at_once_from_a_busy_parent(gpu):
+    import logging
+
+    logging.basicConfig()
+    log = logging.getLogger("zerogpu-test")
+    weights = torch.nn.Linear(16, 16).to("cuda")
+    stop = threading.Event()
+
+    def noisy():  # a web server's other threads: logging and torch ops while we fork
+        while not stop.is_set():
+            log.debug("busy")
+            torch.randn(64, 64) @ torch.randn(64, 64)
+
+    @zerogpu.GPU(duration=30)
+    def forward(seed):
+        torch.manual_seed(seed)
+        return weights(torch.randn(2, 16, device="cuda")).sum().item()
+
+    results: dict[int, float] = {}
+
+    def caller(seed):
+        results[seed] = forward(seed)
+
+    noise = [threading.Thread(target=noisy) for _ in range(2)]
+    callers = [threading.Thread(target=caller, args=(seed,)) for seed in range(8)]
+    for thread in noise + callers:
+        thread.start()
+    for thread in callers:
+        thread.join(timeout=120)
+    stop.set()
+    for thread in noise:
+        thread.join()
+    assert sorted(results) == list(range(8))
+
+
+# -- the decorator -------------------------------------------------------------
+
+
+def test_decorator_forms(gpu):
+    def f(a, b=1):
+        """Adds."""
+        return a + b
+
+    bare = zerogpu.GPU(f)
+    assert bare is zerogpu.GPU(f) is zerogpu.GPU(bare)  # decorating twice: the same wrapper
+    assert bare.__name__ == "f" and bare.__doc__ == "Adds." and bare.__wrapped__ is f
+    for decorator in (
+        zerogpu.GPU(duration=5),
+        zerogpu.GPU(duration=2.5),
+        zerogpu.GPU(duration=timedelta(seconds=3)),
+        zerogpu.GPU(duration=lambda a, b=1: a),
+        zerogpu.GPU(duration=5, size="xlarge"),
+        zerogpu.GPU(45),
+        zerogpu.GPU("xlarge"),
+    ):
+        fresh = lambda a, b=1: a + b  # noqa: E731 - a new function for each form
+        assert decorator(fresh)(2, b=3) == 5
+    assert bare(1, 2) == 3
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"duration": 0}, "positive"),
+        ({"duration": -3}, "positive"),
+        ({"duration": float("nan")}, "positive"),
+        ({"duration": "soon"}, "number of seconds"),
+        ({"duration": timedelta(0)}, "positive"),
+        ({"size": "huge"}, "'large'"),
+    ],
+)
+def test_bad_static_values_are_refused_at_decoration(gpu, kwargs, message):
+    with pytest.raises(zerogpu.InvalidArgument, match=message):
+        zerogpu.GPU(**kwargs)(lambda: None)
+
+
+def test_bad_duration_callables_are_refused_before_anything_is_taken(gpu):
+    def boom(x):
+        raise KeyError("nope")
+
+    raises = zerogpu.GPU(duration=boom)(lambda x: x)
+    with pytest.raises(zerogpu.InvalidArgument, match="raised KeyError"):
+        raises(1)
+    returns_text = zerogpu.GPU(duration=lambda x: "ten")(lambda x: x)
+    with pytest.raises(zerogpu.InvalidArgument, match="number of seconds"):
+        returns_text(1)
+    returns_negative = zerogpu.GPU(duration=lambda x: -x)(lambda x: x)
+    with pytest.raises(zerogpu.InvalidArgument, match="positive"):
+        returns_negative(1)
+    assert scheduler().status()["leases"] == []
+
+
+def test_disabled_decorator_returns_the_function_unchanged():
+    assert not zerogpu.is_enabled()
+
+    def f():
+        return os.getpid()
+
+    assert zerogpu.GPU(f) is f
+    assert zerogpu.GPU(duration=10)(f) is f
+
+
+# -- how calls fail ------------------------------------------------------------
+
+
+def test_user_exception_keeps_its_type_message_and_traceback(gpu):
+    @zerogpu.GPU
+    def fails():
+        raise ValueError("bad prompt")
+
+    with pytest.raises(ValueError, match="bad prompt") as caught:
+        fails()
+    assert "fails" in str(caught.value.__cause__)  # the worker's traceback
+
+
+def test_exception_that_cannot_come_back_becomes_remote_error(gpu):
+    @zerogpu.GPU
+    def fails():
+        raise NotPicklable("holds a lock")
+
+    with pytest.raises(zerogpu.RemoteError) as caught:
+        fails()
+    assert caught.value.type_name.endswith("NotPicklable")
+    assert caught.value.message == "holds a lock"
+    assert "raise NotPicklable" in caught.value.traceback
+
+
+def test_memory_error_comes_back_as_memory_error(gpu):
+    @zerogpu.GPU
+    def exhausts():
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (4 * 2**30, 4 * 2**30))
+        return bytearray(8 * 2**30)
+
+    with pytest.raises(MemoryError):
+        exhausts()
+
+
+@pytest.mark.parametrize(
+    "body, expected",
+    [
+        ("sys.exit(3)", {"exitcode": 3, "text": "sys.exit(3)"}),
+        ("os._exit(3)", {"exitcode": 3, "text": "exited with code 3"}),
+        ("ctypes.string_at(0)", {"signal": signal.SIGSEGV, "text": "SIGSEGV"}),
+        ("os.abort()", {"signal": signal.SIGABRT, "text": "SIGABRT"}),
+        ("os.kill(os.getpid(), signal.SIGKILL)", {"signal": signal.SIGKILL, "text": "perhaps out of memory"}),
+    ],
+)
+def test_worker_death_is_reported_and_cleaned_up(gpu, body, expected):
+    namespace = {"sys": sys, "os": os, "ctypes": ctypes, "signal": signal}
+    exec(f"def dies():\n    {body}", namespace)
+    dies = zerogpu.GPU(namespace["dies"])
+    with pytest.raises(zerogpu.WorkerCrashed, match=re.escape(expected["text"])) as caught:
+        dies()
+    if "exitcode" in expected:
+        assert caught.value.exitcode == expected["exitcode"]
+    else:
+        assert caught.value.signal == expected["signal"]
+
+
+def test_call_past_its_duration_is_killed(gpu):
+    @zerogpu.GPU(duration=0.5)
+    def spins():
+        while True:
+            pass
+
+    started = time.monotonic()
+    with pytest.raises(zerogpu.CallTimeout, match="duration"):
+        spins()
+    assert time.monotonic() - started < 10
+
+
+def test_hang_inside_restore_is_killed_and_not_charged(gpu, monkeypatch):
+    torch.nn.Linear(256, 256).to("cuda")
+    zerogpu.startup()
+    monkeypatch.setenv("ZEROGPU_EMULATED_FAULTS", "hang_after_bytes=0")
+
+    @zerogpu.GPU(duration=0.5)
+    def never_runs():
+        return "ran"
+
+    with pytest.raises(zerogpu.RestoreError, match="restoring"):
+        never_runs()
+    assert used_seconds() == 0
+
+
+def test_failed_restore_is_a_restore_error_and_not_charged(gpu, monkeypatch):
+    torch.nn.Linear(256, 256).to("cuda")
+    zerogpu.startup()
+    monkeypatch.setenv("ZEROGPU_EMULATED_FAULTS", "fail_after_bytes=1024")
+
+    @zerogpu.GPU
+    def never_runs():
+        return "ran"
+
+    with pytest.raises(zerogpu.RestoreError):
+        never_runs()
+    assert used_seconds() == 0
+
+
+def test_failed_attach_is_an_attach_error_and_not_charged(gpu, monkeypatch):
+    from zerogpu import attach
+
+    def broken(lease, backend):
+        raise RuntimeError("no such device")
+
+    monkeypatch.setattr(attach, "attach", broken)  # the worker inherits it at the fork
+
+    @zerogpu.GPU
+    def never_runs():
+        return "ran"
+
+    with pytest.raises(zerogpu.AttachError, match="no such device"):
+        never_runs()
+    assert used_seconds() == 0
+
+
+def test_unpicklable_arguments_fail_before_a_device_is_taken(gpu, monkeypatch):
+    acquired = []
+    real_acquire = type(scheduler()).acquire
+    monkeypatch.setattr(type(scheduler()), "acquire", lambda *a, **k: acquired.append(1) or real_acquire(*a, **k))
+
+    @zerogpu.GPU
+    def takes(lock):
+        return 1
+
+    with pytest.raises(zerogpu.SerializationError, match="lock"):
+        takes(threading.Lock())
+    assert acquired == []
+
+
+def test_unpicklable_result_names_its_type(gpu):
+    @zerogpu.GPU
+    def gives_lock():
+        return threading.Lock()
+
+    with pytest.raises(zerogpu.SerializationError, match="lock"):
+        gives_lock()
+
+
+def test_generator_raising_midway_delivers_values_first(gpu):
+    @zerogpu.GPU
+    def two_then_error():
+        yield 1
+        yield 2
+        raise RuntimeError("midway")
+
+    got = []
+    with pytest.raises(RuntimeError, match="midway"):
+        for value in two_then_error():
+            got.append(value)
+    assert got == [1, 2]
+
+
+def test_generator_closed_early_closes_the_worker_generator(gpu, tmp_path):
+    marker = tmp_path / "closed"
+
+    @zerogpu.GPU
+    def endless():
+        try:
+            i = 0
+            while True:
+                yield i
+                i += 1
+        finally:
+            marker.write_text("closed")
+
+    for value in endless():
+        if value == 3:
+            break
+    assert marker.read_text() == "closed"
+
+
+def test_cancelled_async_call_kills_its_worker(gpu, tmp_path):
+    started = tmp_path / "started"
+
+    @zerogpu.GPU(duration=60)
+    async def slow():
+        started.write_text(str(os.getpid()))
+        await asyncio.sleep(60)
+
+    async def main():
+        task = asyncio.ensure_future(slow())
+        while not started.exists():
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    worker_pid = int(started.read_text())
+    deadline = time.monotonic() + 5
+    while held_leases() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not psutil.pid_exists(worker_pid) or psutil.Process(worker_pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_parent_killed_mid_call_leaves_no_worker(tmp_path):
+    script = tmp_path / "app.py"
+    pid_file = tmp_path / "worker.pid"
+    script.write_text(textwrap.dedent(f"""
+        import os, time, zerogpu
+        zerogpu.enable()
+
+        @zerogpu.GPU(duration=120)
+        def sleeps():
+            open({str(pid_file)!r}, "w").write(str(os.getpid()))
+            time.sleep(120)
+
+        sleeps()
+    """))
+    env = dict(os.environ, ZEROGPU_BACKEND="emulated", ZEROGPU_DATA_DIR=str(tmp_path / "data"))
+    parent = subprocess.Popen([sys.executable, str(script)], env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while not pid_file.exists() or not pid_file.read_text():
+            assert parent.poll() is None, "the app ended before its call started"
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        worker_pid = int(pid_file.read_text())
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 5
+        while psutil.pid_exists(worker_pid):
+            assert time.monotonic() < deadline, "the worker outlived its killed parent"
+            time.sleep(0.02)
+    finally:
+        parent.kill()
+        parent.wait()
+
+
+# -- warm workers --------------------------------------------------------------
+
+
+def test_warm_worker_serves_the_next_call_without_forking(gpu, monkeypatch):
+    monkeypatch.setenv("ZEROGPU_IDLE_TIMEOUT", "30")
+    torch.nn.Linear(32, 32).to("cuda")
+
+    @zerogpu.GPU
+    def pid():
+        return os.getpid()
+
+    first, second = pid(), pid()
+    assert first == second
+    runtime_pool_close()
+
+
+def test_warm_worker_goes_when_its_idle_time_ends(gpu, monkeypatch):
+    monkeypatch.setenv("ZEROGPU_IDLE_TIMEOUT", "0.3")
+
+    @zerogpu.GPU
+    def pid():
+        return os.getpid()
+
+    first = pid()
+    deadline = time.monotonic() + 5
+    while psutil.pid_exists(first) and psutil.Process(first).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, "the idle worker was not ended"
+        time.sleep(0.02)
+    while held_leases() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert pid() != first
+    runtime_pool_close()
+
+
+def test_warm_worker_is_evicted_when_its_device_is_wanted(gpu, monkeypatch):
+    monkeypatch.setenv("ZEROGPU_IDLE_TIMEOUT", "60")
+    monkeypatch.setenv("ZEROGPU_EMULATED_GPUS", "1")
+    runtime.disable()
+    zerogpu.enable()
+
+    @zerogpu.GPU(size="xlarge")
+    def first():
+        return os.getpid()
+
+    @zerogpu.GPU(size="xlarge")
+    def second():
+        return os.getpid()
+
+    idle_pid = first()
+    assert second() != idle_pid
+    assert not psutil.pid_exists(idle_pid) or psutil.Process(idle_pid).status() == psutil.STATUS_ZOMBIE
+    runtime_pool_close()
+
+
+# -- helpers -------------------------------------------------------------------
+
+
+def used_seconds() -> float:
+    status = scheduler().status()
+    return sum(entry["used"] for entry in status["quota"])
+
+
+def runtime_pool_close():
+    from zerogpu.warm import pool
+
+    pool.close()

@@ -1,0 +1,301 @@
+"""One call of a decorated function, in the parent: steps 2, 3 and 8 of its path.
+
+A `Call` validates and pickles the arguments (before anything is taken),
+leases a device, starts or reuses a worker, reads the worker's messages
+until the call ends, and then releases everything it held, on every path.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from functools import partial
+from typing import Any, Callable, Iterator
+
+from . import child, runtime, settings, transport, worker
+from .errors import (
+    AttachError,
+    CallTimeout,
+    Cancelled,
+    InvalidArgument,
+    RestoreError,
+    WorkerCrashed,
+)
+from .identity import current as current_identity
+from .warm import pool
+
+DEFAULT_DURATION = 60.0
+SIZES = ("large", "xlarge")
+# How long a worker asked to stop a generator may take before it is killed.
+CLOSE_GRACE = 2.0
+# How long a worker that finished its call may take to exit before it is killed.
+EXIT_GRACE = 10.0
+
+
+@dataclass(frozen=True)
+class Task:
+    """What the decorator knows of a function: how to find it in a worker and its limits."""
+
+    fn: Callable
+    key: str
+    duration: Any
+    size: str
+
+    @property
+    def name(self) -> str:
+        return f"{getattr(self.fn, '__qualname__', self.fn)}()"
+
+
+def check_duration(duration: Any, where: str) -> float:
+    """A duration in seconds, from an int, a float or a timedelta; refuse anything else."""
+    if isinstance(duration, timedelta):
+        seconds = duration.total_seconds()
+    elif isinstance(duration, (int, float)) and not isinstance(duration, bool):
+        seconds = float(duration)
+    else:
+        raise InvalidArgument(
+            f"{where} must be a number of seconds or a datetime.timedelta, not {type(duration).__name__}"
+        )
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise InvalidArgument(f"{where} must be a positive number of seconds, not {duration!r}")
+    return seconds
+
+
+def check_size(size: Any) -> str:
+    if size is None:
+        return "large"
+    if size not in SIZES:
+        raise InvalidArgument(f"size must be 'large' (half a GPU) or 'xlarge' (a whole GPU), not {size!r}")
+    return size
+
+
+def resolve_duration(task: Task, args: tuple, kwargs: dict) -> float:
+    """The call's duration: static, or computed by the duration callable from the arguments."""
+    if task.duration is None:
+        return DEFAULT_DURATION
+    if not callable(task.duration):
+        return check_duration(task.duration, "duration")
+    try:
+        value = task.duration(*args, **kwargs)
+    except Exception as exc:
+        raise InvalidArgument(
+            f"the duration callable of {task.name} raised {type(exc).__name__}: {exc}; "
+            "it takes the same arguments as the function and returns seconds"
+        ) from exc
+    if value is None:
+        return DEFAULT_DURATION
+    return check_duration(value, f"the duration returned for {task.name}")
+
+
+class Call:
+    """The life of one call, from lease to release."""
+
+    def __init__(self, task: Task, args: tuple, kwargs: dict) -> None:
+        self.task = task
+        self.duration = resolve_duration(task, args, kwargs)
+        self.payload = transport.dumps((args, kwargs), to_device=True)
+        self.cancel_event = threading.Event()
+        self.lease = None
+        self.worker: worker.Worker | None = None
+        self.granted = 0.0
+        self.deadline: float | None = None
+        self.stage = "queue"
+        self.charge = True
+        self.clean = False
+        self.complete = False
+        self.ended = False
+        self.phases: dict[str, float] = {}
+
+    # -- start --------------------------------------------------------------
+
+    def start(self) -> None:
+        """Lease a device and hand the call to a worker (a warm one when the lease has one)."""
+        from .scheduler import LeaseRequest, scheduler
+
+        try:
+            runtime.ensure_started()
+            request = LeaseRequest(current_identity(), self.duration, self.task.size, self.task.key)
+            asked = time.monotonic()
+            self.lease = scheduler().acquire(request, timeout=settings.queue_timeout(), cancel=self.cancel_event)
+        except BaseException:
+            transport.discard(self.payload)
+            self.ended = True
+            raise
+        self.granted = time.monotonic()
+        self.phases["queue"] = self.granted - asked
+        if self.cancel_event.is_set():
+            self.end()
+            raise Cancelled(f"{self.task.name} was cancelled by its caller")
+        self.deadline = self.granted + self.duration + settings.timeout_grace()
+        try:
+            self.worker = pool.take(self.lease) if self.lease.warm else None
+            if self.worker is None:
+                self.worker = worker.spawn(self.task.key, partial(child.main, plan=self.plan()))
+                self.stage = "attach"
+            else:
+                self.stage = "run"
+                self.phases["warm"] = 1.0
+            if self.cancel_event.is_set():
+                raise Cancelled(f"{self.task.name} was cancelled by its caller")
+            self.worker.send(("call", self.task.key))
+            self.worker.send_bytes(self.payload)
+        except BaseException:
+            self.end()
+            raise
+
+    def plan(self) -> child.Plan:
+        return child.Plan(
+            lease=self.lease,
+            backend=runtime.backend(),
+            models=runtime.models(),
+            functions=runtime.functions,
+            stay_warm=settings.idle_timeout() > 0,
+        )
+
+    # -- messages -----------------------------------------------------------
+
+    def messages(self) -> Iterator[tuple[str, Any]]:
+        """Yield ('yield', value) for each streamed value and finally ('return', value).
+
+        Raises the call's error: the user's exception rebuilt, or the zerogpu
+        error that says how the call failed. The call is ended either way.
+        """
+        try:
+            yield from self._read()
+        finally:
+            self.close()
+
+    def _read(self) -> Iterator[tuple[str, Any]]:
+        outcome: tuple[str, Any] | None = None
+        while True:
+            try:
+                message = self.worker.receive(self.deadline)
+            except TimeoutError:
+                raise self.timed_out() from None
+            if isinstance(message, worker.Exited):
+                if self.cancel_event.is_set():
+                    raise Cancelled(f"{self.task.name} was cancelled by its caller")
+                if outcome is not None and outcome[0] != "exit":
+                    # The worker sent everything it had to before it went.
+                    break
+                raise self.crashed(message, outcome)
+            verb = message[0]
+            if verb == "attached":
+                self.stage = "restore"
+                self.phases["fork"] = message[1]["started"] - self.granted
+                self.phases["attach"] = message[1]["attach_s"]
+            elif verb == "ready":
+                self.stage = "run"
+                self.phases["restore"] = message[1]["restore_s"]
+                self.phases["restore_stats"] = message[1]["restore"]
+                self.run_started = time.monotonic()
+            elif verb == "failed":
+                self.charge = False
+                error = AttachError if message[1] == "attach" else RestoreError
+                cause = transport.rebuild_exception(message[2])
+                raise error(f"{self.task.name} could not start: {cause}") from cause
+            elif verb == "yield":
+                yield message
+            elif verb in ("return", "raise", "exit"):
+                outcome = message
+            elif verb in ("end", "closed"):
+                outcome = outcome or ("return", None)
+            elif verb == "done":
+                self.phases["run"] = message[1]["run_s"]
+                self.clean = True
+                break
+        self.complete = True
+        if outcome is None or outcome[0] == "exit":
+            raise self.crashed(self.worker.wait_exit(), outcome)
+        if outcome[0] == "raise":
+            raise transport.rebuild_exception(outcome[1])
+        yield outcome
+
+    def timed_out(self) -> Exception:
+        self.worker.kill()
+        limit = f"{self.duration:g} s (+{settings.timeout_grace():g} s grace)"
+        if self.stage == "attach":
+            self.charge = False
+            return AttachError(f"attaching a GPU for {self.task.name} took longer than {limit}; the worker was killed")
+        if self.stage == "restore":
+            self.charge = False
+            return RestoreError(
+                f"restoring the weights for {self.task.name} took longer than {limit}; the worker was killed"
+            )
+        return CallTimeout(
+            f"{self.task.name} ran past its duration of {limit} and its worker was killed; "
+            "ask for more time with @zerogpu.GPU(duration=...)"
+        )
+
+    def crashed(self, exited: worker.Exited, outcome: tuple | None) -> Exception:
+        if outcome is not None and outcome[0] == "exit":
+            return WorkerCrashed(
+                f"{self.task.name} called sys.exit({outcome[1]}) in its worker, which then "
+                f"{exited.describe()}", exitcode=exited.exitcode, signal=exited.signal,
+            )
+        where = {"attach": "while attaching its GPU", "restore": "while restoring the weights"}.get(self.stage, "")
+        return WorkerCrashed(
+            f"the worker running {self.task.name} {exited.describe()} {where} before it returned a result".replace(
+                "  ", " "
+            ),
+            exitcode=exited.exitcode,
+            signal=exited.signal,
+        )
+
+    # -- stop ---------------------------------------------------------------
+
+    def close(self) -> None:
+        """End the call; if the caller stopped early, ask the worker to close its generator first.
+
+        A worker that does not answer within CLOSE_GRACE seconds is killed.
+        """
+        if self.ended or self.complete or self.worker is None or not self.worker.alive:
+            self.end()
+            return
+        try:
+            self.worker.send(("close",))
+            deadline = time.monotonic() + CLOSE_GRACE
+            while True:
+                message = self.worker.receive(deadline)
+                if isinstance(message, worker.Exited):
+                    break
+                if message[0] == "done":
+                    self.clean = True
+                    break
+        except (TimeoutError, OSError, EOFError):
+            pass
+        self.end()
+
+    def cancel(self) -> None:
+        """The caller gave up (a cancelled task): leave the queue or kill the worker now."""
+        self.cancel_event.set()
+        if self.worker is not None and not self.ended:
+            self.worker.interrupt()
+
+    def end(self) -> None:
+        """Release the lease and everything the call held; safe to call more than once."""
+        if self.ended:
+            return
+        self.ended = True
+        from .scheduler import scheduler
+
+        transport.discard(self.payload)
+        if self.lease is None:
+            return
+        used = time.monotonic() - self.granted
+        idle = settings.idle_timeout()
+        if self.clean and idle > 0 and self.worker is not None and self.worker.alive:
+            pool.park(self.worker, self.lease, used=used, charge=self.charge, idle_timeout=idle)
+            return
+        if self.worker is not None:
+            self.finish_worker()
+        scheduler().release(self.lease, used=used, charge=self.charge)
+
+    def finish_worker(self) -> None:
+        """A cold worker exits by itself after its call; anything else is killed."""
+        if self.clean:
+            self.worker.join(EXIT_GRACE)
+        self.worker.kill()

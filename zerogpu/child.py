@@ -1,0 +1,233 @@
+"""Steps 4 to 7, in the worker: attach, restore, run, return.
+
+`main` is what a forked worker runs, and it never returns: the worker ends
+with `os._exit`, so nothing the parent registered (atexit handlers, finalizers
+of objects it inherited) runs a second time here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import faulthandler
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from typing import Any, Callable, Iterator, NoReturn
+
+from . import transport
+from .errors import SerializationError
+
+PR_SET_PDEATHSIG = 1
+EXIT_FAILED_STAGE = 3
+EXIT_PARENT_GONE = 4
+
+_in_worker = False
+
+
+def in_worker() -> bool:
+    """True inside a worker: a decorated function called here runs inline."""
+    return _in_worker
+
+
+def main(sock: socket.socket, lifeline_fd: int, plan: "Plan") -> NoReturn:
+    """Serve calls until the parent closes the socket, then exit."""
+    global _in_worker
+    _in_worker = True
+    code = 0
+    try:
+        harden(lifeline_fd)
+        channel = transport.Channel(sock)
+        if not prepare(channel, plan):
+            code = EXIT_FAILED_STAGE
+        else:
+            serve(channel, plan)
+    except (BrokenPipeError, ConnectionError, EOFError):
+        code = EXIT_PARENT_GONE
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:  # noqa: BLE001 - the worker must end here, whatever happened
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+class Plan:
+    """What a worker needs from its parent: the lease, the backend and the packed models."""
+
+    def __init__(self, lease: Any, backend: str, models: list, functions: dict[str, Callable],
+                 stay_warm: bool) -> None:
+        self.lease = lease
+        self.backend = backend
+        self.models = models
+        self.functions = functions
+        self.stay_warm = stay_warm
+
+
+def harden(lifeline_fd: int) -> None:
+    """Make sure this worker can never outlive its parent nor hold what is not its own."""
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(EXIT_PARENT_GONE)
+    # Belt and braces: the parent alone holds the lifeline's write end, so EOF
+    # here means it is gone (PDEATHSIG fires on the forking thread's exit only).
+    threading.Thread(target=_watch_lifeline, args=(lifeline_fd,), name="zerogpu-lifeline", daemon=True).start()
+    for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD, signal.SIGPIPE):
+        signal.signal(number, signal.SIG_DFL)
+    close_listening_sockets()
+    faulthandler.enable()
+
+
+def _watch_lifeline(fd: int) -> None:
+    while True:
+        try:
+            if not os.read(fd, 1):
+                break
+        except InterruptedError:
+            continue
+        except OSError:
+            break
+    os._exit(EXIT_PARENT_GONE)
+
+
+def close_listening_sockets() -> None:
+    """Close inherited listening sockets, so a web server's port is not held by a worker."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        try:
+            if not stat_is_socket(fd):
+                continue
+            probe = socket.socket(fileno=os.dup(fd))
+        except OSError:
+            continue
+        try:
+            listening = probe.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        except OSError:
+            listening = 0
+        finally:
+            probe.close()
+        if listening:
+            os.close(fd)
+
+
+def stat_is_socket(fd: int) -> bool:
+    import stat
+
+    return stat.S_ISSOCK(os.fstat(fd).st_mode)
+
+
+def prepare(channel: transport.Channel, plan: Plan) -> bool:
+    """Attach the leased GPU and restore the weights onto it; report each stage."""
+    from . import attach, restore
+
+    started = time.monotonic()
+    try:
+        engine = attach.attach(plan.lease, plan.backend)
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        channel.send(("failed", "attach", transport.capture_exception(exc)), to_device=False)
+        return False
+    attached = time.monotonic()
+    channel.send(("attached", {"pid": os.getpid(), "started": started, "attach_s": attached - started}),
+                 to_device=False)
+    try:
+        stats = restore.restore(plan.models, engine, plan.backend)
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        channel.send(("failed", "restore", transport.capture_exception(exc)), to_device=False)
+        return False
+    channel.send(("ready", {"restore_s": time.monotonic() - attached, "restore": stats}), to_device=False)
+    return True
+
+
+def serve(channel: transport.Channel, plan: Plan) -> None:
+    """Run calls as they come; a cold worker runs one, a warm one runs until EOF."""
+    while True:
+        try:
+            message = channel.recv()
+        except EOFError:
+            return
+        if message[0] != "call":
+            continue
+        key = message[1]
+        args, kwargs = channel.recv()
+        run(channel, plan.functions[key], args, kwargs)
+        if not plan.stay_warm:
+            return
+
+
+def run(channel: transport.Channel, fn: Callable, args: tuple, kwargs: dict) -> None:
+    """Step 6 and 7: run the user's function and send back what it returns, yields or raises."""
+    import inspect
+
+    started = time.monotonic()
+    try:
+        if inspect.isasyncgenfunction(fn):
+            stream(channel, iterate_async(fn(*args, **kwargs)))
+        elif inspect.iscoroutinefunction(fn):
+            reply(channel, ("return", asyncio.run(fn(*args, **kwargs))))
+        elif inspect.isgeneratorfunction(fn):
+            stream(channel, fn(*args, **kwargs))
+        else:
+            reply(channel, ("return", fn(*args, **kwargs)))
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        channel.send(("exit", code), to_device=False)
+        raise
+    except Exception as exc:  # noqa: BLE001 - the caller gets it back
+        channel.send(("raise", transport.capture_exception(exc)), to_device=False)
+    channel.send(("done", {"run_s": time.monotonic() - started}), to_device=False)
+
+
+def reply(channel: transport.Channel, message: tuple) -> None:
+    """Send a value; one that cannot be pickled becomes the caller's SerializationError."""
+    try:
+        channel.send(message, to_device=False)
+    except SerializationError as exc:
+        channel.send(("raise", transport.capture_exception(exc)), to_device=False)
+
+
+def stream(channel: transport.Channel, generator: Iterator) -> None:
+    """Send each value as it is produced; stop when the caller asks."""
+    try:
+        for value in generator:
+            reply(channel, ("yield", value))
+            if closing_requested(channel):
+                generator.close()
+                channel.send(("closed",), to_device=False)
+                return
+    finally:
+        generator.close()
+    channel.send(("end",), to_device=False)
+
+
+def closing_requested(channel: transport.Channel) -> bool:
+    try:
+        message = channel.recv(timeout=0)
+    except TimeoutError:
+        return False
+    except EOFError:
+        return True
+    return message[0] == "close"
+
+
+def iterate_async(agen) -> Iterator:
+    """Drive an async generator from this (synchronous) worker, one value at a time."""
+    loop = asyncio.new_event_loop()
+    try:
+        while True:
+            try:
+                yield loop.run_until_complete(agen.__anext__())
+            except StopAsyncIteration:
+                return
+    finally:
+        loop.run_until_complete(agen.aclose())
+        loop.close()

@@ -1,0 +1,208 @@
+"""`@zerogpu.GPU`: a function that holds a GPU only while it runs.
+
+The decorator checks its arguments, registers the function so that a worker
+forked later can find it, and returns a wrapper of the same kind: a plain
+function, a generator, a coroutine function or an async generator. Each call
+of the wrapper is a `Call` (see call.py). Inside a worker, and whenever
+zerogpu is not enabled, the function runs as it is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import threading
+from datetime import timedelta
+from typing import Any, Callable, TypeVar, overload
+
+from . import runtime
+from .call import Call, Task, check_duration, check_size
+from .child import in_worker
+from .errors import InvalidArgument
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_wrappers: dict[Callable, Callable] = {}
+_lock = threading.Lock()
+
+
+@overload
+def GPU(task: F) -> F: ...
+@overload
+def GPU(task: int | float | timedelta | str | None = None, *, duration: Any = None, size: str | None = None) -> Callable[[F], F]: ...
+def GPU(task=None, *, duration=None, size=None):
+    """Run the decorated function in a worker that holds a GPU only while it runs.
+
+    duration: its time limit in seconds (int, float or timedelta), or a callable
+        taking the function's arguments and returning one; shorter durations
+        get a GPU sooner. Default 60 s.
+    size: "large" (half a GPU, the default) or "xlarge" (a whole GPU).
+
+    `@GPU`, `@GPU(duration=30)`, `@GPU(45)` and `@GPU("xlarge")` all work.
+    """
+    if callable(task):
+        return _decorate(task, duration, size)
+    if isinstance(task, str):
+        size = task
+    elif task is not None:
+        duration = task
+    check_size(size)
+    if duration is not None and not callable(duration):
+        check_duration(duration, "duration")
+    return functools.partial(_decorate, duration=duration, size=size)
+
+
+def _decorate(fn: Callable, duration: Any, size: str | None) -> Callable:
+    size = check_size(size)
+    if duration is not None and not callable(duration):
+        check_duration(duration, "duration")
+    if not callable(fn):
+        raise InvalidArgument(f"@zerogpu.GPU decorates functions, not {type(fn).__name__}")
+    if not runtime.is_enabled():
+        return fn
+    with _lock:
+        if fn in _wrappers:
+            return _wrappers[fn]
+        key = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', '?')}:{id(fn):x}"
+        task = Task(fn=fn, key=key, duration=duration, size=size)
+        wrapper = wrap(task)
+        wrapper.zerogpu = task  # type: ignore[attr-defined]
+        runtime.functions[key] = fn
+        _wrappers[fn] = wrapper
+        _wrappers[wrapper] = wrapper
+        return wrapper
+
+
+def wrap(task: Task) -> Callable:
+    fn = task.fn
+    if inspect.isasyncgenfunction(fn):
+
+        @functools.wraps(fn)
+        async def async_generator_wrapper(*args, **kwargs):
+            if inline():
+                async for value in fn(*args, **kwargs):
+                    yield value
+                return
+            async for value in stream_async(task, args, kwargs):
+                yield value
+
+        return async_generator_wrapper
+
+    if inspect.iscoroutinefunction(fn):
+
+        @functools.wraps(fn)
+        async def coroutine_wrapper(*args, **kwargs):
+            if inline():
+                return await fn(*args, **kwargs)
+            return await run_async(task, args, kwargs)
+
+        return coroutine_wrapper
+
+    if inspect.isgeneratorfunction(fn):
+
+        @functools.wraps(fn)
+        def generator_wrapper(*args, **kwargs):
+            if inline():
+                return (yield from fn(*args, **kwargs))
+            call = Call(task, args, kwargs)
+            try:
+                call.start()
+                for verb, value in call.messages():
+                    if verb == "yield":
+                        yield value
+            finally:
+                call.close()
+
+        return generator_wrapper
+
+    @functools.wraps(fn)
+    def function_wrapper(*args, **kwargs):
+        if inline():
+            return fn(*args, **kwargs)
+        return run(task, args, kwargs)
+
+    return function_wrapper
+
+
+def inline() -> bool:
+    """Run the function as it is: inside a worker, or once zerogpu was disabled again."""
+    return in_worker() or not runtime.is_enabled()
+
+
+def run(task: Task, args: tuple, kwargs: dict) -> Any:
+    call = Call(task, args, kwargs)
+    call.start()
+    for verb, value in call.messages():
+        if verb == "return":
+            return value
+    raise AssertionError("a call ended without a result")  # pragma: no cover
+
+
+async def run_async(task: Task, args: tuple, kwargs: dict) -> Any:
+    """Await a call without blocking the event loop; cancelling it kills the worker."""
+    call = Call(task, args, kwargs)
+    try:
+        return await in_thread(lambda: run_started(call))
+    except asyncio.CancelledError:
+        call.cancel()
+        raise
+
+
+def run_started(call: Call) -> Any:
+    call.start()
+    for verb, value in call.messages():
+        if verb == "return":
+            return value
+    raise AssertionError("a call ended without a result")  # pragma: no cover
+
+
+async def stream_async(task: Task, args: tuple, kwargs: dict):
+    """Stream a call's values into an async generator, one thread hop per value."""
+    call = Call(task, args, kwargs)
+    done = object()
+    try:
+        await in_thread(call.start)
+        messages = call.messages()
+
+        def next_value():
+            for verb, value in messages:
+                if verb == "yield":
+                    return value
+            return done
+
+        while (value := await in_thread(next_value)) is not done:
+            yield value
+    except asyncio.CancelledError:
+        call.cancel()
+        raise
+    finally:
+        await in_thread(call.close)
+
+
+async def in_thread(fn: Callable[[], Any]) -> Any:
+    """Run a blocking step on its own thread: calls may wait minutes for a GPU."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def target():
+        try:
+            outcome = (fn(), None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
+            outcome = (None, exc)
+        try:
+            loop.call_soon_threadsafe(_settle, future, *outcome)
+        except RuntimeError:
+            pass  # the loop is closed: the task that awaited this was cancelled and is gone
+
+    threading.Thread(target=target, name="zerogpu-call", daemon=True).start()
+    return await future
+
+
+def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.cancelled():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

@@ -1,0 +1,42 @@
+"""Step 5, in the worker: copy the packed weights onto the device and rebind the tensors.
+
+Every tensor the parent recorded keeps its Python identity (the same
+`nn.Parameter` objects the user's modules hold); only its data moves, so
+`model.weight` inside the user's function is the restored one.
+"""
+
+from __future__ import annotations
+
+from .errors import RestoreError
+
+
+def restore(models: list, engine, backend: str) -> list[dict]:
+    """Restore every packed model through the engine; give each restore's figures."""
+    from .engine import restore_snapshot
+
+    device = "cuda" if backend == "cuda" else "cpu"
+    figures = []
+    try:
+        for model in models:
+            _, views, stats = restore_snapshot(model.snapshot, device, engine=engine)
+            model.rebind(views, keep_mark=backend == "emulated")
+            figures.append(vars(stats) if hasattr(stats, "__dict__") else dict(stats))
+        if backend == "cuda":
+            move_unpacked(models)
+    except RestoreError:
+        raise
+    except Exception as exc:
+        raise RestoreError(f"could not restore the model's weights onto the device: {exc}") from exc
+    return figures
+
+
+def move_unpacked(models: list) -> None:
+    """Recorded tensors that no snapshot holds (made after packing) go to the device one by one."""
+    from . import emulation
+
+    packed = set()
+    for model in models:
+        packed.update(id(t) for t in model.live_tensors())
+    for tensor in emulation.live_tensors():
+        if id(tensor) not in packed:
+            tensor.data = tensor.data.to("cuda")

@@ -1,0 +1,135 @@
+"""The process-wide state of an enabled zerogpu: backend, packed models, warm workers.
+
+`enable()` patches torch (CUDA emulation) and chooses the backend;
+`startup()` packs what was moved to 'cuda' so far. The first decorated call
+runs `startup()` if nobody did.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable
+
+from . import settings
+from .errors import InvalidArgument
+
+_lock = threading.RLock()
+_enabled = False
+_backend: str | None = None
+_models: list = []
+_started = False
+# Functions that may run in a worker, by key: a worker forked later finds them here.
+functions: dict[str, Callable] = {}
+
+
+def is_enabled() -> bool:
+    return _enabled
+
+
+def enable() -> None:
+    """Turn zerogpu on for this process: emulate CUDA in the parent and choose the backend.
+
+    Call it before moving models to 'cuda' and before decorating functions
+    (or set ZEROGPU=1 in the environment, which calls it on import).
+    """
+    global _enabled, _backend
+    with _lock:
+        if _enabled:
+            return
+        from . import devices, emulation
+
+        backend = choose_backend()
+        found = devices.discover(backend)
+        first = found[0]
+        emulation.patch(emulation.DeviceInfo(
+            name=first.name, total_memory=first.total_memory, count=1,
+        ))
+        _backend = backend
+        _enabled = True
+
+
+def disable() -> None:
+    """Turn zerogpu off again: kill warm workers, free the snapshots, give torch back.
+
+    Decorated functions then run in-process, as they would had zerogpu never
+    been enabled. Meant for tests and for tools that enable zerogpu briefly.
+    """
+    global _enabled, _backend, _started
+    from . import emulation
+    from .scheduler import reset_scheduler
+    from .warm import pool
+
+    with _lock:
+        if not _enabled:
+            return
+        pool.close()
+        for model in _models:
+            model.close()
+        _models.clear()
+        functions.clear()
+        reset_scheduler()
+        emulation.unpatch()
+        _enabled = False
+        _backend = None
+        _started = False
+
+
+def choose_backend() -> str:
+    from . import devices
+
+    chosen = settings.backend()
+    visible = devices.gpu_visible()
+    if chosen == "cuda" and not visible:
+        raise InvalidArgument(
+            "ZEROGPU_BACKEND=cuda but no NVIDIA GPU is visible to this process; "
+            "unset it (zerogpu then emulates the GPU on the CPU) or check CUDA_VISIBLE_DEVICES"
+        )
+    return chosen or ("cuda" if visible else "emulated")
+
+
+def backend() -> str:
+    if _backend is None:
+        raise InvalidArgument("zerogpu is not enabled: call zerogpu.enable() or set ZEROGPU=1")
+    return _backend
+
+
+def startup(progress: Callable[[int], None] | None = None) -> int:
+    """Pack every tensor moved to 'cuda' and not packed yet; return the bytes packed.
+
+    Runs by itself before the first call; call it yourself to pack at start-up
+    (a web app before it serves) rather than on the first request.
+    """
+    global _started
+    from . import emulation, packing
+
+    with _lock:
+        _started = True
+        if not _enabled:
+            raise InvalidArgument("zerogpu is not enabled: call zerogpu.enable() or set ZEROGPU=1")
+        packed = {id(t) for model in _models for t in model.live_tensors()}
+        fresh = [t for t in emulation.live_tensors() if id(t) not in packed]
+        if progress is None:
+            progress = progress_bar(sum(t.untyped_storage().nbytes() for t in fresh)) if fresh else None
+        model = packing.pack(fresh, progress=progress)
+        if model is None:
+            return 0
+        _models.append(model)
+        return model.nbytes
+
+
+def models() -> list:
+    return list(_models)
+
+
+def ensure_started() -> None:
+    if not _started:
+        startup()
+
+
+def progress_bar(total: int) -> Callable[[int], None] | None:
+    """A rich progress bar on stderr for packs of a gigabyte or more; None below that."""
+    if total < 2**30:
+        return None
+    from .progress import bytes_progress
+
+    return bytes_progress("packing model weights", total)

@@ -1,0 +1,294 @@
+"""Step 3, fork: the parent's side of a worker process.
+
+A worker is a child forked for a call (or kept warm for the next call of the
+same function). This module spawns workers, waits on them, kills their process
+groups and reaps them, and turns a wait status into a sentence. Everything
+OS-specific about child processes lives here and in `child.py`.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import selectors
+import signal
+import socket
+import threading
+import time
+import warnings
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable, NoReturn
+
+from . import transport
+
+SIGNAL_HINTS = {
+    signal.SIGKILL: "perhaps out of memory",
+    signal.SIGSEGV: "segmentation fault",
+    signal.SIGABRT: "aborted",
+    signal.SIGBUS: "bus error",
+    signal.SIGFPE: "floating-point exception",
+    signal.SIGILL: "illegal instruction",
+}
+
+
+def describe_exit(status: int) -> str:
+    """A wait status as a sentence: 'killed by SIGKILL: perhaps out of memory'."""
+    if os.WIFSIGNALED(status):
+        number = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(number).name
+        except ValueError:
+            name = f"signal {number}"
+        hint = SIGNAL_HINTS.get(number)
+        return f"killed by {name}: {hint}" if hint else f"killed by {name}"
+    if os.WIFEXITED(status):
+        return f"exited with code {os.WEXITSTATUS(status)}"
+    return f"ended with wait status {status}"
+
+
+@dataclass
+class Exited:
+    """What `Worker.receive` returns once the worker has died: its wait status."""
+
+    status: int
+
+    @property
+    def exitcode(self) -> int | None:
+        return os.WEXITSTATUS(self.status) if os.WIFEXITED(self.status) else None
+
+    @property
+    def signal(self) -> int | None:
+        return os.WTERMSIG(self.status) if os.WIFSIGNALED(self.status) else None
+
+    def describe(self) -> str:
+        return describe_exit(self.status)
+
+
+class Spawner:
+    """Forks every worker from one long-lived thread that never runs torch.
+
+    Three reasons. A child of a fork inherits the forking thread's OpenMP
+    state: if that thread ever ran a parallel torch op, libgomp in the child
+    waits forever for a thread pool that no longer exists; a thread that only
+    forks has no pool, so the child's first parallel op builds a fresh one.
+    PR_SET_PDEATHSIG fires when the thread that forked exits, not the process,
+    so that thread must live as long as the process. And forks made one at a
+    time by one thread know exactly which descriptors of other workers exist,
+    so each new child can close them.
+    """
+
+    def __init__(self) -> None:
+        self._requests: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name="zerogpu-spawner", daemon=True)
+        self._thread.start()
+
+    def run(self, job: Callable[[], Any]) -> Any:
+        """Run `job` on the spawner thread and give back its result or raise its error."""
+        done: queue.SimpleQueue = queue.SimpleQueue()
+        self._requests.put((job, done))
+        ok, outcome = done.get()
+        if not ok:
+            raise outcome
+        return outcome
+
+    def _serve(self) -> None:
+        while True:
+            job, done = self._requests.get()
+            try:
+                done.put((True, job()))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                done.put((False, exc))
+
+
+_spawner: Spawner | None = None
+_spawner_lock = threading.Lock()
+_lifeline: tuple[int, int] | None = None
+# The parent's ends of every live worker's socket and its pidfd. Only the
+# spawner thread changes these, so a new child closes exactly the ones that
+# exist: then a worker sees EOF when the parent closes its socket.
+_parent_sockets: "weakref.WeakSet[socket.socket]" = weakref.WeakSet()
+_pidfds: set[int] = set()
+
+
+def spawner() -> Spawner:
+    global _spawner
+    with _spawner_lock:
+        if _spawner is None:
+            _spawner = Spawner()
+        return _spawner
+
+
+def lifeline() -> tuple[int, int]:
+    """A pipe whose write end only the parent holds: EOF on it means the parent died."""
+    global _lifeline
+    with _spawner_lock:
+        if _lifeline is None:
+            _lifeline = os.pipe()
+        return _lifeline
+
+
+def _after_fork_in_child() -> None:
+    # A lock held by another thread at the fork would stay held forever here.
+    global _spawner_lock, _spawner
+    _spawner_lock = threading.Lock()
+    _spawner = None
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+@dataclass
+class Worker:
+    """A live worker process, seen from the parent."""
+
+    pid: int
+    channel: transport.Channel
+    pidfd: int
+    key: str
+    started: float = field(default_factory=time.monotonic)
+    status: int | None = None
+    # The caller's thread and a canceller may both reap: only one may wait.
+    _reaping: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def alive(self) -> bool:
+        return self.status is None
+
+    def send(self, obj: Any) -> None:
+        self.channel.send(obj, to_device=True)
+
+    def send_bytes(self, payload: bytes) -> None:
+        self.channel.send_bytes(payload)
+
+    def receive(self, deadline: float | None) -> Any:
+        """The worker's next message; `Exited` if it died; TimeoutError past the deadline.
+
+        A worker that dies right after writing its last message is read to the end
+        before its death is reported, so no result is lost.
+        """
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.channel.fileno(), selectors.EVENT_READ, "channel")
+            selector.register(self.pidfd, selectors.EVENT_READ, "exit")
+            while True:
+                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+                events = selector.select(timeout)
+                if not events:
+                    raise TimeoutError
+                sources = {key.data for key, _ in events}
+                if "channel" in sources:
+                    try:
+                        return self.channel.recv(timeout=0)
+                    except (EOFError, ConnectionError):
+                        return self.wait_exit()
+                    except TimeoutError:
+                        pass  # a partial frame: wait for the rest
+                if "exit" in sources:
+                    try:
+                        return self.channel.recv(timeout=0)
+                    except (EOFError, ConnectionError, TimeoutError):
+                        return self.wait_exit()
+
+    def exited(self) -> bool:
+        """Whether the worker has died (reaping it if so), without waiting."""
+        with self._reaping:
+            if self.status is None:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+                if pid == 0:
+                    return False
+                self.status = status
+                self._cleanup()
+        return True
+
+    def join(self, timeout: float) -> Exited | None:
+        """Wait up to `timeout` seconds for the worker to exit; reap it if it did."""
+        if self.status is None:
+            with selectors.DefaultSelector() as selector:
+                selector.register(self.pidfd, selectors.EVENT_READ)
+                if not selector.select(timeout):
+                    return None
+        return self.wait_exit()
+
+    def wait_exit(self) -> Exited:
+        """Reap the worker (it is dead or about to be) and everything it started."""
+        with self._reaping:
+            if self.status is None:
+                _, status = os.waitpid(self.pid, 0)
+                self.status = status
+                self._cleanup()
+        return Exited(self.status)
+
+    def interrupt(self) -> None:
+        """SIGKILL the worker's process group from any thread; its owner then reaps it."""
+        if self.status is None:
+            kill_group(self.pid)
+
+    def kill(self) -> Exited:
+        """SIGKILL the worker's whole process group, reap it and free what it held."""
+        if self.status is None:
+            kill_group(self.pid)
+            return self.wait_exit()
+        return Exited(self.status)
+
+    def _cleanup(self) -> None:
+        # The leader is reaped; anything it started in its group goes with it.
+        kill_group(self.pid)
+        spawner().run(self._close_descriptors)
+        transport.remove_segments_of(self.pid)
+
+    def _close_descriptors(self) -> None:
+        # On the spawner thread, so no fork sees a descriptor half closed.
+        _pidfds.discard(self.pidfd)
+        os.close(self.pidfd)
+        self.channel.close()
+
+
+def kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def spawn(key: str, child_main: Callable[[socket.socket, int], NoReturn]) -> Worker:
+    """Fork a worker in its own process group that runs `child_main(sock, lifeline_fd)`."""
+    read_end, write_end = lifeline()
+    return spawner().run(lambda: _fork(key, child_main, read_end, write_end))
+
+
+def _fork(key: str, child_main: Callable[[socket.socket, int], NoReturn], read_end: int, write_end: int) -> Worker:
+    parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with warnings.catch_warnings():
+            # Python 3.12 warns about forking a multi-threaded process; this fork
+            # is deliberate, and the child touches only what it owns.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
+    except BaseException:
+        parent_sock.close()
+        child_sock.close()
+        raise
+    if pid == 0:
+        try:
+            os.setpgid(0, 0)
+            os.close(write_end)
+            parent_sock.close()
+            for other in list(_parent_sockets):
+                fd = other.detach()
+                if fd >= 0:
+                    os.close(fd)
+            for fd in _pidfds:
+                os.close(fd)
+            _pidfds.clear()
+            child_main(child_sock, read_end)
+        finally:
+            os._exit(70)
+    child_sock.close()
+    try:
+        os.setpgid(pid, pid)  # also here, so a kill right after the fork reaches the group
+    except (PermissionError, ProcessLookupError):
+        pass
+    pidfd = os.pidfd_open(pid)
+    _parent_sockets.add(parent_sock)
+    _pidfds.add(pidfd)
+    return Worker(pid=pid, channel=transport.Channel(parent_sock), pidfd=pidfd, key=key)
