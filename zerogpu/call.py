@@ -170,6 +170,7 @@ class Call:
 
     def _read(self) -> Iterator[tuple[str, Any]]:
         outcome: tuple[str, Any] | None = None
+        received: float | None = None
         while True:
             try:
                 message = self.worker.receive(self.deadline)
@@ -201,10 +202,13 @@ class Call:
                 yield message
             elif verb in ("return", "raise", "exit"):
                 outcome = message
+                received = time.monotonic()
             elif verb in ("end", "closed"):
                 outcome = outcome or ("return", None)
             elif verb == "done":
                 self.phases["run"] = message[1]["run_s"]
+                if received is not None and outcome[0] == "return":
+                    self.phases["return"] = received - message[1]["finished"]
                 self.clean = True
                 break
         self.complete = True

@@ -168,23 +168,28 @@ def run(channel: transport.Channel, fn: Callable, args: tuple, kwargs: dict) -> 
     """Step 6 and 7: run the user's function and send back what it returns, yields or raises."""
     import inspect
 
-    started = time.monotonic()
+    started = finished = time.monotonic()
     try:
         if inspect.isasyncgenfunction(fn):
             stream(channel, iterate_async(fn(*args, **kwargs)))
         elif inspect.iscoroutinefunction(fn):
-            reply(channel, ("return", asyncio.run(fn(*args, **kwargs))))
+            value = asyncio.run(fn(*args, **kwargs))
+            finished = time.monotonic()
+            reply(channel, ("return", value))
         elif inspect.isgeneratorfunction(fn):
             stream(channel, fn(*args, **kwargs))
         else:
-            reply(channel, ("return", fn(*args, **kwargs)))
+            value = fn(*args, **kwargs)
+            finished = time.monotonic()
+            reply(channel, ("return", value))
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         channel.send(("exit", code), to_device=False)
         raise
     except Exception as exc:  # noqa: BLE001 - the caller gets it back
         channel.send(("raise", transport.capture_exception(exc)), to_device=False)
-    channel.send(("done", {"run_s": time.monotonic() - started}), to_device=False)
+    # `finished` is when the function returned, so the parent can time the return alone.
+    channel.send(("done", {"run_s": finished - started, "finished": finished}), to_device=False)
 
 
 def reply(channel: transport.Channel, message: tuple) -> None:
