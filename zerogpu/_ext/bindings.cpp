@@ -8,6 +8,8 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/unique_ptr.h>
 
+#include <string>
+
 #include "driver.h"
 #include "emulated.h"
 #include "engine.h"
@@ -55,6 +57,23 @@ void translate(const std::exception_ptr& exception, void*) {
   } catch (const InvalidArgument& e) {
     raise_zerogpu_error("InvalidArgument", e.what());
   }
+}
+
+// How this module was compiled, for `zerogpu info` and bug reports.
+nb::dict build_info() {
+  nb::dict info;
+#if defined(__clang__)
+  info["compiler"] = "clang " __clang_version__;
+#elif defined(__GNUC__)
+  info["compiler"] = "gcc " __VERSION__;
+#else
+  info["compiler"] = "unknown";
+#endif
+  info["cxx_standard"] = static_cast<long>(__cplusplus);
+  info["build_type"] = ZEROGPU_BUILD_TYPE;
+  info["nanobind"] = std::to_string(NB_VERSION_MAJOR) + "." + std::to_string(NB_VERSION_MINOR) + "." +
+                     std::to_string(NB_VERSION_PATCH);
+  return info;
 }
 
 nb::dict to_dict(const emulated::Resources& r) {
@@ -240,4 +259,5 @@ NB_MODULE(_engine, m) {
   m.def("configure_emulation", &emulated::configure, "devices"_a,
         "How many devices the emulated driver reports (1 to 64).");
   m.def("live_workers", &live_workers, "Restore worker threads alive in this process.");
+  m.def("build_info", &build_info, "Compiler, C++ standard, CMake build type and nanobind version.");
 }
