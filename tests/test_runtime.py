@@ -564,3 +564,158 @@ def runtime_pool_close():
     from zerogpu.warm import pool
 
     pool.close()
+
+
+# -- the worker's surroundings -------------------------------------------------
+
+
+def test_worker_sees_only_its_device_and_closes_inherited_listening_sockets(gpu):
+    import faulthandler
+    import socket
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    listening_fd = server.fileno()
+
+    @zerogpu.GPU
+    def look():
+        import multiprocessing
+
+        try:
+            os.fstat(listening_fd)
+            still_open = True
+        except OSError:
+            still_open = False
+        return {
+            "visible": os.environ["CUDA_VISIBLE_DEVICES"],
+            "listening_fd_open": still_open,
+            "faulthandler": faulthandler.is_enabled(),
+            "process_group": os.getpgrp() == os.getpid(),
+            "daemonic": multiprocessing.current_process().daemon,
+        }
+
+    try:
+        seen = look()
+    finally:
+        server.close()
+    assert seen["visible"] in {device.visible_id for device in runtime_devices()}
+    assert seen == dict(seen, listening_fd_open=False, faulthandler=True, process_group=True, daemonic=False)
+
+
+def test_two_gpus_serve_four_large_calls_at_once(gpu, tmp_path):
+    # Two emulated GPUs, half a GPU per call: four calls hold a slice each at the same time.
+    barrier_dir = tmp_path / "barrier"
+    barrier_dir.mkdir()
+
+    @zerogpu.GPU(duration=30)
+    def meet(name):
+        (barrier_dir / name).touch()
+        deadline = time.monotonic() + 20
+        while len(list(barrier_dir.iterdir())) < 4:  # all four must be running together
+            assert time.monotonic() < deadline, "the calls did not run at the same time"
+            time.sleep(0.01)
+        return os.environ["CUDA_VISIBLE_DEVICES"]
+
+    seen: list[str] = []
+    threads = [threading.Thread(target=lambda n=n: seen.append(meet(str(n)))) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert len(seen) == 4
+    assert sorted(set(seen)) == sorted(device.visible_id for device in runtime_devices())
+    assert all(seen.count(device) == 2 for device in set(seen))
+
+
+def test_startup_packs_once_with_progress_and_ties_stay_tied(gpu):
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(10, 6)
+            self.head = torch.nn.Linear(6, 10, bias=False)
+            self.head.weight = self.embed.weight  # tied
+            self.register_buffer("scale", torch.full((10,), 2.0))
+
+        def forward(self, tokens):
+            return self.head(self.embed(tokens)) * self.scale
+
+    model = Tied()
+    tokens = torch.tensor([1, 2, 3])
+    expected = model(tokens).detach()
+    model.to("cuda")
+    seen = []
+    packed = zerogpu.startup(progress=seen.append)
+    assert packed > 0 and sum(seen) > 0
+    assert zerogpu.startup() == 0  # nothing new to pack
+
+    @zerogpu.GPU
+    def run(tokens):
+        assert model.head.weight is model.embed.weight
+        assert model.head.weight.data_ptr() == model.embed.weight.data_ptr()
+        model.embed.weight.data.mul_(1.0)  # the worker's copy is writable
+        return model(tokens.to("cuda"))
+
+    assert torch.equal(run(tokens), expected)
+
+
+def test_small_transformers_model_gives_the_cpu_output(gpu):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        n_layer=2, n_embd=64, n_head=2, vocab_size=100, n_positions=32, bos_token_id=0, eos_token_id=0
+    )
+    cpu_model = transformers.GPT2LMHeadModel(config).eval()
+    tokens = torch.randint(0, 100, (1, 12))
+    with torch.no_grad():
+        expected = cpu_model(tokens).logits
+    model = transformers.GPT2LMHeadModel(config).eval()
+    model.load_state_dict(cpu_model.state_dict())
+    model.to("cuda")  # at "import time", in the parent
+
+    @zerogpu.GPU(duration=60)
+    def logits(tokens):
+        with torch.no_grad():
+            return model(tokens.to("cuda")).logits
+
+    @zerogpu.GPU(duration=60)
+    def generate(tokens, steps):
+        tokens = tokens.to("cuda")
+        with torch.no_grad():
+            for _ in range(steps):
+                tokens = torch.cat([tokens, model(tokens).logits[:, -1:].argmax(-1)], dim=1)
+                yield tokens[0, -1].item()
+
+    assert torch.equal(logits(tokens), expected)
+    produced = list(generate(tokens, 3))
+    with torch.no_grad():
+        reference, current = [], tokens
+        for _ in range(3):
+            current = torch.cat([current, cpu_model(current).logits[:, -1:].argmax(-1)], dim=1)
+            reference.append(current[0, -1].item())
+    assert produced == reference
+
+
+def test_the_weights_exist_once_in_the_parent(gpu):
+    process = psutil.Process()
+
+    def anonymous_bytes():
+        with open(f"/proc/{os.getpid()}/status") as status:
+            for line in status:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+        raise AssertionError("no RssAnon")
+
+    model = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(48)])  # ~200 MB
+    model.to("cuda")
+    before = anonymous_bytes()
+    zerogpu.startup()
+    after = anonymous_bytes()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert before - after > 0.8 * weights, (before, after, weights, process.memory_info())
+
+
+def runtime_devices():
+    from zerogpu.devices import discover
+
+    return discover("emulated")

@@ -192,7 +192,6 @@ class Call:
                 self.stage = "run"
                 self.phases["restore"] = message[1]["restore_s"]
                 self.phases["restore_stats"] = message[1]["restore"]
-                self.run_started = time.monotonic()
             elif verb == "failed":
                 self.charge = False
                 error = AttachError if message[1] == "attach" else RestoreError
@@ -213,7 +212,7 @@ class Call:
                 break
         self.complete = True
         if outcome is None or outcome[0] == "exit":
-            raise self.crashed(self.worker.wait_exit(), outcome)
+            raise self.crashed(self.worker.kill(), outcome)
         if outcome[0] == "raise":
             raise transport.rebuild_exception(outcome[1])
         yield outcome
@@ -299,7 +298,11 @@ class Call:
         scheduler().release(self.lease, used=used, charge=self.charge)
 
     def finish_worker(self) -> None:
-        """A cold worker exits by itself after its call; anything else is killed."""
+        """Let a worker that ended its call cleanly exit by itself; kill anything else."""
         if self.clean:
+            try:
+                self.worker.send(("exit",))  # a worker forked to stay warm waits for this
+            except (EOFError, OSError):
+                pass  # a cold worker is already on its way out
             self.worker.join(EXIT_GRACE)
         self.worker.kill()

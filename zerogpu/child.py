@@ -155,11 +155,21 @@ def serve(channel: transport.Channel, plan: Plan) -> None:
             message = channel.recv()
         except EOFError:
             return
+        if message[0] == "exit":
+            return
         if message[0] != "call":
-            continue
+            continue  # a "close" that crossed the end of a stream
         key = message[1]
-        args, kwargs = channel.recv()
-        run(channel, plan.functions[key], args, kwargs)
+        try:
+            args, kwargs = channel.recv()
+        except (EOFError, ConnectionError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the caller learns why
+            error = SerializationError(f"the arguments could not be rebuilt in the worker: {exc}")
+            channel.send(("raise", transport.capture_exception(error)), to_device=False)
+            channel.send(("done", {"run_s": 0.0, "finished": time.monotonic()}), to_device=False)
+        else:
+            run(channel, plan.functions[key], args, kwargs)
         if not plan.stay_warm:
             return
 

@@ -6,6 +6,8 @@ weights exist once in host memory and a forked worker inherits them for free.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import weakref
 from dataclasses import dataclass, field
 from typing import Callable
@@ -55,4 +57,20 @@ def pack(tensors: list[torch.Tensor], progress: Callable[[int], None] | None = N
         snapshot = Snapshot.pack({name: t.data for name, t in names.items()}, progress=progress)
     model = PackedModel(snapshot, {name: [weakref.ref(t)] for name, t in names.items()})
     model.rebind(snapshot.tensors(), keep_mark=True)
+    del names
+    give_back_freed_memory()
     return model
+
+
+def give_back_freed_memory() -> None:
+    """Return the weights' old pages to the system, so they are not kept twice.
+
+    glibc raises its mmap threshold as large blocks are freed, so a model's
+    tensors often live in the heap, and freeing them keeps their pages in the
+    process. malloc_trim gives them back (Python has no binding for it).
+    """
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: its allocator returns large blocks by itself

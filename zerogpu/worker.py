@@ -13,6 +13,7 @@ import queue
 import selectors
 import signal
 import socket
+import sys
 import threading
 import time
 import warnings
@@ -146,7 +147,6 @@ class Worker:
     channel: transport.Channel
     pidfd: int
     key: str
-    started: float = field(default_factory=time.monotonic)
     status: int | None = None
     # The caller's thread and a canceller may both reap: only one may wait.
     _reaping: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -180,14 +180,14 @@ class Worker:
                     try:
                         return self.channel.recv(timeout=0)
                     except (EOFError, ConnectionError):
-                        return self.wait_exit()
+                        return self.kill()
                     except TimeoutError:
                         pass  # a partial frame: wait for the rest
                 if "exit" in sources:
                     try:
                         return self.channel.recv(timeout=0)
                     except (EOFError, ConnectionError, TimeoutError):
-                        return self.wait_exit()
+                        return self.kill()
 
     def exited(self) -> bool:
         """Whether the worker has died (reaping it if so), without waiting."""
@@ -196,27 +196,17 @@ class Worker:
                 pid, status = os.waitpid(self.pid, os.WNOHANG)
                 if pid == 0:
                     return False
-                self.status = status
-                self._cleanup()
+                self._reaped(status)
         return True
 
     def join(self, timeout: float) -> Exited | None:
-        """Wait up to `timeout` seconds for the worker to exit; reap it if it did."""
+        """Wait up to `timeout` seconds for the worker to exit by itself; reap it if it did."""
         if self.status is None:
             with selectors.DefaultSelector() as selector:
                 selector.register(self.pidfd, selectors.EVENT_READ)
                 if not selector.select(timeout):
                     return None
-        return self.wait_exit()
-
-    def wait_exit(self) -> Exited:
-        """Reap the worker (it is dead or about to be) and everything it started."""
-        with self._reaping:
-            if self.status is None:
-                _, status = os.waitpid(self.pid, 0)
-                self.status = status
-                self._cleanup()
-        return Exited(self.status)
+        return self.kill()
 
     def interrupt(self) -> None:
         """SIGKILL the worker's process group from any thread; its owner then reaps it."""
@@ -224,15 +214,21 @@ class Worker:
             kill_group(self.pid)
 
     def kill(self) -> Exited:
-        """SIGKILL the worker's whole process group, reap it and free what it held."""
-        if self.status is None:
-            kill_group(self.pid)
-            return self.wait_exit()
+        """Kill what is left of the worker's process group, reap it and free what it held.
+
+        Used when the worker is done or must go: the group is killed before the
+        leader is reaped, while its pid cannot yet be taken by another process.
+        """
+        with self._reaping:
+            if self.status is None:
+                kill_group(self.pid)
+                _, status = os.waitpid(self.pid, 0)
+                self._reaped(status)
         return Exited(self.status)
 
-    def _cleanup(self) -> None:
-        # The leader is reaped; anything it started in its group goes with it.
-        kill_group(self.pid)
+    def _reaped(self, status: int) -> None:
+        self.status = status
+        kill_group(self.pid)  # a grandchild still in the group goes too
         spawner().run(self._close_descriptors)
         transport.remove_segments_of(self.pid)
 
@@ -250,6 +246,21 @@ def kill_group(pgid: int) -> None:
         pass
 
 
+def quiesce_torch() -> None:
+    """Wait, just before a fork, until no other thread holds torch's CPU generator.
+
+    Other threads vanish at a fork, but a mutex one of them held stays locked
+    in the child forever: a web server's thread inside torch.randn at that
+    moment would make the worker's first torch.manual_seed hang. Taking the
+    generator's mutex once (get_state does) waits for such a thread; no other
+    thread can take it again before the fork without first getting the GIL,
+    which this thread holds but for a few bytecodes.
+    """
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.default_generator.get_state()
+
+
 def spawn(key: str, child_main: Callable[[socket.socket, int], NoReturn]) -> Worker:
     """Fork a worker in its own process group that runs `child_main(sock, lifeline_fd)`."""
     read_end, write_end = lifeline()
@@ -263,6 +274,7 @@ def _fork(key: str, child_main: Callable[[socket.socket, int], NoReturn], read_e
             # Python 3.12 warns about forking a multi-threaded process; this fork
             # is deliberate, and the child touches only what it owns.
             warnings.simplefilter("ignore", DeprecationWarning)
+            quiesce_torch()
             pid = os.fork()
     except BaseException:
         parent_sock.close()
