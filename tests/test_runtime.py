@@ -201,6 +201,39 @@ def test_threads_calling_at_once_from_a_busy_parent(gpu):
     assert sorted(results) == list(range(8))
 
 
+def test_torch_generator_mutex_is_found_on_this_torch():
+    from zerogpu import worker
+
+    (address,) = worker.torch_mutexes()
+    assert address > 0
+
+
+def test_fork_while_another_thread_draws_random_numbers(gpu):
+    # That thread holds torch's CPU generator nearly all the time; a worker
+    # forked with the generator locked would hang in its first manual_seed.
+    stop = threading.Event()
+
+    def draw():
+        while not stop.is_set():
+            torch.randn(2_000_000)
+
+    @zerogpu.GPU(duration=20)
+    def seeded(seed):
+        torch.manual_seed(seed)
+        return torch.rand(3)
+
+    drawer = threading.Thread(target=draw)
+    drawer.start()
+    try:
+        results = [seeded(7) for _ in range(5)]
+    finally:
+        stop.set()
+        drawer.join()
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    assert all(torch.equal(result, expected) for result in results)
+
+
 # -- the decorator -------------------------------------------------------------
 
 

@@ -8,6 +8,7 @@ OS-specific about child processes lives here and in `child.py`.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import queue
 import selectors
@@ -16,12 +17,12 @@ import socket
 import sys
 import threading
 import time
-import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, NoReturn
 
 from . import transport
+from ._ext import _engine
 
 SIGNAL_HINTS = {
     signal.SIGKILL: "perhaps out of memory",
@@ -246,19 +247,50 @@ def kill_group(pgid: int) -> None:
         pass
 
 
-def quiesce_torch() -> None:
-    """Wait, just before a fork, until no other thread holds torch's CPU generator.
+def fork() -> int:
+    """os.fork(), holding across it the torch mutexes a worker may need.
 
     Other threads vanish at a fork, but a mutex one of them held stays locked
     in the child forever: a web server's thread inside torch.randn at that
-    moment would make the worker's first torch.manual_seed hang. Taking the
-    generator's mutex once (get_state does) waits for such a thread; no other
-    thread can take it again before the fork without first getting the GIL,
-    which this thread holds but for a few bytecodes.
+    moment would make the worker's first torch.manual_seed hang.
     """
+    return _engine.fork_holding(torch_mutexes())
+
+
+_torch_mutexes: list[int] | None = None
+# The bytes of a pthread_mutex_t, by machine (glibc).
+PTHREAD_MUTEX_SIZE = {"x86_64": 40, "aarch64": 48}
+
+
+def torch_mutexes() -> list[int]:
+    """The address of the mutex of torch's default CPU generator, if it can be found safely.
+
+    torch offers no handle on it, so it is found in the generator's memory:
+    the generator object holds a pointer to its C++ implementation, whose
+    mutex follows the reference-count header (two or three words, by torch
+    version) and is followed by the generator's device (CPU, index -1). Both
+    layouts are checked, and the mutex must read as a free one, or nothing is
+    held (a plain fork, with the hazard above).
+    """
+    global _torch_mutexes
+    if _torch_mutexes is not None:
+        return _torch_mutexes
     torch = sys.modules.get("torch")
-    if torch is not None:
-        torch.default_generator.get_state()
+    size = PTHREAD_MUTEX_SIZE.get(os.uname().machine)
+    if torch is None or size is None:
+        return []  # torch not loaded yet: try again at the next fork
+    found: list[int] = []
+    generator = torch.default_generator
+    if type(generator).__basicsize__ >= object.__basicsize__ + ctypes.sizeof(ctypes.c_void_p):
+        impl = ctypes.c_void_p.from_address(id(generator) + object.__basicsize__).value
+        for header in (16, 24):
+            mutex = (ctypes.c_uint8 * size).from_address(impl + header)
+            device = ctypes.c_uint16.from_address(impl + header + size).value
+            if not any(mutex) and device == 0xFF00:  # DeviceType::CPU (0), index -1
+                found = [impl + header]
+                break
+    _torch_mutexes = found
+    return found
 
 
 def spawn(key: str, child_main: Callable[[socket.socket, int], NoReturn]) -> Worker:
@@ -270,12 +302,7 @@ def spawn(key: str, child_main: Callable[[socket.socket, int], NoReturn]) -> Wor
 def _fork(key: str, child_main: Callable[[socket.socket, int], NoReturn], read_end: int, write_end: int) -> Worker:
     parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        with warnings.catch_warnings():
-            # Python 3.12 warns about forking a multi-threaded process; this fork
-            # is deliberate, and the child touches only what it owns.
-            warnings.simplefilter("ignore", DeprecationWarning)
-            quiesce_torch()
-            pid = os.fork()
+        pid = fork()
     except BaseException:
         parent_sock.close()
         child_sock.close()

@@ -7,12 +7,14 @@
 #include <nanobind/stl/shared_ptr.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/unique_ptr.h>
+#include <nanobind/stl/vector.h>
 
 #include <string>
 
 #include "driver.h"
 #include "emulated.h"
 #include "engine.h"
+#include "fork.h"
 #include "memory.h"
 
 namespace nb = nanobind;
@@ -260,4 +262,6 @@ NB_MODULE(_engine, m) {
         "How many devices the emulated driver reports (1 to 64).");
   m.def("live_workers", &live_workers, "Restore worker threads alive in this process.");
   m.def("build_info", &build_info, "Compiler, C++ standard, CMake build type and nanobind version.");
+  m.def("fork_holding", &zerogpu::fork_holding, nb::arg("mutexes"),
+        "Fork like os.fork(), holding these pthread mutexes (addresses) across fork(2).");
 }
