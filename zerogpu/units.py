@@ -1,0 +1,27 @@
+"""Sizes as people write them: '64MB', '1.5GiB', '4096'. Units are binary: 1GB = 1GiB = 2**30 bytes."""
+
+from __future__ import annotations
+
+import re
+
+from .errors import InvalidArgument
+
+UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+SIZE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?)(?:i?b)?", re.IGNORECASE)
+
+
+def parse_size(text: str, what: str = "size") -> int:
+    """Bytes in '64MB', '1GB', '1.5GiB', '512MiB', '100m' or a plain number of bytes."""
+    match = SIZE.fullmatch(text.strip()) if isinstance(text, str) else None
+    if match is None:
+        raise InvalidArgument(f"{what} {text!r} is not a size: write e.g. 64MB, 1GB, 1.5GiB or 4096")
+    number, unit = match.groups()
+    return int(float(number) * UNITS[unit.lower()])
+
+
+def describe_size(nbytes: float) -> str:
+    """'1.5 GiB', '64 MiB', '512 B'."""
+    for unit, factor in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(nbytes) >= factor:
+            return f"{nbytes / factor:.3g} {unit}"
+    return f"{int(nbytes)} B"
