@@ -1,0 +1,261 @@
+"""The `zerogpu` command: bench, run, info, serve and status."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import runpy
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .daemon import HEARTBEAT_TIMEOUT
+from .errors import InvalidArgument, ZeroGPUError
+from .policy import DEFAULT_AGING
+
+app = typer.Typer(
+    name="zerogpu",
+    help="Share GPUs between Python apps: functions hold a GPU only while they run.",
+    no_args_is_help=True,
+    add_completion=False,
+    # Errors of zerogpu get one line; a script's own errors its usual traceback.
+    pretty_exceptions_enable=False,
+)
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # what a shell reports for a program ended by Ctrl-C (128 + SIGINT)
+
+
+def fail(command: str, message: object, code: int = 1) -> NoReturn:
+    """One line on stderr, then exit with `code`."""
+    typer.echo(f"zerogpu {command}: {message}", err=True)
+    raise typer.Exit(code)
+
+
+# -- bench ---------------------------------------------------------------------------------
+
+
+@app.command()
+def bench(
+    size: Annotated[str, typer.Option(help="model size: 64MB, 1GB, 1.5GiB, 512MiB (binary: 1GB = 2**30 bytes)")]
+    = "1GB",
+    repeat: Annotated[int, typer.Option(help="timed repeats of each measurement; the table shows medians")] = 3,
+    json_path: Annotated[Path | None, typer.Option("--json", help="also write every figure to this JSON file")]
+    = None,
+) -> None:
+    """Measure the whole pipeline on this machine against the alternatives, in one table.
+
+    Uses the GPU when one is visible and the emulated backend otherwise.
+    """
+    from . import bench as measure
+
+    try:
+        plan = measure.plan(size, repeat, json_path)
+    except InvalidArgument as error:
+        fail("bench", error, EXIT_USAGE)
+    try:
+        with measure.interrupt_once():
+            report = measure.run(plan, lambda line: typer.echo(line, err=True))
+    except KeyboardInterrupt:
+        fail("bench", "interrupted; its workers, shared memory and files are gone", EXIT_INTERRUPTED)
+    except ZeroGPUError as error:
+        fail("bench", error)
+    Console().print(measure.render(report))
+    if plan.json_path is not None:
+        plan.json_path.write_text(json.dumps(report, indent=2) + "\n")
+        typer.echo(f"figures written to {plan.json_path}", err=True)
+    if not measure.passed(report):
+        fail("bench", "an output differs from zerogpu's: see the 'output' column")
+
+
+# -- run -----------------------------------------------------------------------------------
+
+
+@app.command(
+    context_settings={"allow_interspersed_args": False, "ignore_unknown_options": True},
+)
+def run(
+    script: Annotated[str, typer.Argument(help="the Python script to run as __main__")],
+    args: Annotated[list[str] | None, typer.Argument(help="the script's own arguments")] = None,
+) -> None:
+    """Run a Python script with zerogpu enabled; `import spaces` in it gets zerogpu's `spaces`.
+
+    An app written for Hugging Face's ZeroGPU runs unchanged on this machine's GPUs.
+    """
+    raise typer.Exit(run_script(script, list(args or [])))
+
+
+def run_script(script: str, args: list[str]) -> int:
+    """Run `script` as `python script args...` would, after enabling zerogpu; returns its exit code.
+
+    zerogpu is imported and enabled first, so no import order in the script can
+    initialize CUDA before the emulation is in place. SystemExit passes through.
+    """
+    from . import runtime, spaces
+
+    if not os.path.isfile(script):
+        # Python's own words for a missing script, and its exit code.
+        typer.echo(f"zerogpu run: can't open file {os.path.abspath(script)!r}: "
+                   "[Errno 2] No such file or directory", err=True)
+        return EXIT_USAGE
+    try:
+        runtime.enable()
+    except ZeroGPUError as error:
+        fail("run", error)
+    spaces.install()
+    # As Python does: argv[0] as given, __file__ absolute, the script's folder first on the path.
+    path = os.path.abspath(script)
+    sys.argv = [script, *args]
+    sys.path.insert(0, os.path.dirname(path))
+    try:
+        runpy.run_path(path, run_name="__main__")
+    except SystemExit:
+        raise
+    except KeyboardInterrupt as error:
+        print_script_traceback(error, path)
+        return EXIT_INTERRUPTED
+    except BaseException as error:  # noqa: BLE001 - reported as Python reports it
+        print_script_traceback(error, path)
+        return 1
+    return 0
+
+
+def print_script_traceback(error: BaseException, script: str) -> None:
+    """The traceback Python prints for `python script`: from the script's first frame on."""
+    frames = error.__traceback__
+    while frames is not None and frames.tb_frame.f_code.co_filename != script:
+        frames = frames.tb_next
+    traceback.print_exception(type(error), error, frames or error.__traceback__)
+
+
+# -- info ----------------------------------------------------------------------------------
+
+
+@app.command()
+def info(as_json: Annotated[bool, typer.Option("--json", help="print the facts as JSON")] = False) -> None:
+    """What zerogpu sees here: backend, devices, CUDA driver, /dev/shm and its compiled engine."""
+    facts = gather_info()
+    if as_json:
+        typer.echo(json.dumps(facts, indent=2))
+        return
+    console = Console()
+    console.print(f"zerogpu {facts['zerogpu']} (torch {facts['torch']['version']}, "
+                  f"CUDA build {facts['torch']['cuda'] or 'none'})")
+    console.print(f"backend: {facts['backend'].get('name') or 'none'}: {facts['backend']['reason']}")
+    devices = Table(title="devices", title_justify="left")
+    for column in ("#", "name", "memory", "visible as", "driver"):
+        devices.add_column(column)
+    driver = facts["cuda_driver"]
+    for device in facts["devices"]:
+        memory = f"{device['total_memory'] / 2**30:.1f} GiB" if device["total_memory"] else "?"
+        devices.add_row(str(device["index"]), device["name"], memory, device["visible_id"],
+                        driver.get("version", "-") if device["backend"] == "cuda" else "emulated")
+    console.print(devices if facts["devices"] else "devices: none")
+    if driver["found"]:
+        console.print(f"CUDA driver: {driver['library']} found at {driver.get('path', '?')}, "
+                      f"version {driver.get('version', '?')}" + (f" ({driver['error']})" if "error" in driver else ""))
+    else:
+        console.print(f"CUDA driver: {driver['library']} not found ({driver['error']})")
+    shm = facts["shm"]
+    console.print(f"/dev/shm: {shm['free'] / 2**30:.1f} GiB free of {shm['total'] / 2**30:.1f} GiB")
+    build = facts["extension"]
+    console.print(f"copy engine: built {build['build_type']} by {build['compiler']}, "
+                  f"C++{build['cxx_standard'] // 100 % 100}, nanobind {build['nanobind']}")
+
+
+def gather_info() -> dict[str, Any]:
+    import torch
+
+    from . import devices, runtime, settings
+    from ._ext import _engine
+    from .bench import package_version
+    from .engine import driver_info
+
+    try:
+        chosen = settings.backend()
+        name = runtime.choose_backend()
+        reason = (f"ZEROGPU_BACKEND={chosen}" if chosen
+                  else "a GPU is visible" if name == "cuda" else "no GPU is visible")
+        found = [dataclasses.asdict(device) for device in devices.discover(name)]
+    except ZeroGPUError as error:
+        name, reason, found = None, str(error), []
+    shm = os.statvfs("/dev/shm")
+    return {
+        "zerogpu": package_version("zerogpu"),
+        "torch": {"version": torch.__version__, "cuda": torch.version.cuda},
+        "backend": {"name": name, "reason": reason},
+        "devices": found,
+        "cuda_driver": driver_info(),
+        "shm": {"free": shm.f_bavail * shm.f_frsize, "total": shm.f_blocks * shm.f_frsize},
+        "extension": dict(_engine.build_info()),
+    }
+
+
+# -- serve and status ----------------------------------------------------------------------
+
+
+@app.command()
+def serve(
+    socket: Annotated[str | None, typer.Option(help="the unix socket to serve (default: ZEROGPU_SCHEDULER)")]
+    = None,
+    quota: Annotated[list[str] | None, typer.Option(
+        metavar="TIER=SECONDS", help="daily quota of a tier in large-GPU seconds (repeatable)")] = None,
+    max_duration: Annotated[list[str] | None, typer.Option(
+        metavar="TIER=SECONDS", help="longest call a tier may ask for (repeatable)")] = None,
+    large_per_gpu: Annotated[int, typer.Option(help="large calls sharing one GPU")] = 2,
+    aging: Annotated[float, typer.Option(help="seconds of waiting that lift a call one tier")] = DEFAULT_AGING,
+    ledger: Annotated[Path | None, typer.Option(help="the quota database (default: under ZEROGPU_DATA_DIR)")]
+    = None,
+    heartbeat_timeout: Annotated[float, typer.Option(
+        help="seconds of silence after which a client's leases come back (keep it at 3 or more)")]
+    = HEARTBEAT_TIMEOUT,
+) -> None:
+    """Run the node daemon: one scheduler for every zerogpu app of this machine, until Ctrl-C."""
+    from . import daemon
+    from .policy import Policy
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s zerogpu-daemon %(levelname)s %(message)s")
+    try:
+        policy = Policy(daily_quota=daemon.parse_tiers(quota or [], "--quota"),
+                        max_duration=daemon.parse_tiers(max_duration or [], "--max-duration"),
+                        large_per_gpu=large_per_gpu, aging=aging)
+        daemon.serve(socket, policy=policy, ledger_path=ledger, heartbeat_timeout=heartbeat_timeout,
+                     ready=lambda running: typer.echo(f"ready {running.socket_path}"))
+    except ZeroGPUError as error:
+        fail("serve", error)
+
+
+@app.command()
+def status(
+    socket: Annotated[str | None, typer.Option(help="the node daemon's socket (default: ZEROGPU_SCHEDULER)")]
+    = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the state as JSON")] = False,
+) -> None:
+    """The GPUs, the leases, the queue and each identity's quota left today."""
+    from .status import render_status
+    from .status import status as read_status
+
+    try:
+        state = read_status(socket)
+    except ZeroGPUError as error:
+        fail("status", error)
+    if as_json:
+        typer.echo(json.dumps(state, indent=2, default=str))
+    else:
+        Console().print(render_status(state))
+
+
+def main() -> None:
+    """The console script `zerogpu`."""
+    app(prog_name="zerogpu")
+
+
+if __name__ == "__main__":
+    main()
