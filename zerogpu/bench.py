@@ -38,7 +38,6 @@ import math
 import os
 import platform
 import queue
-import re
 import shutil
 import signal
 import statistics
@@ -55,11 +54,10 @@ import psutil
 import torch
 from rich.table import Table
 
+from . import units
 from .errors import InvalidArgument
 
-KiB, MiB, GiB = 2**10, 2**20, 2**30
-UNITS = {"": 1, "k": KiB, "m": MiB, "g": GiB, "t": 2**40}
-SIZE_PATTERN = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?)(?:i?b)?", re.IGNORECASE)
+MiB, GiB = 2**20, 2**30
 MIN_SIZE = MiB
 DEFAULT_SIZE = "1GB"
 WIDTH = 2048  # layer width: 16 MiB of weights per layer, as in a mid-sized transformer
@@ -93,12 +91,8 @@ ALTERNATIVES = {
 
 
 def parse_size(text: str) -> int:
-    """'64MB', '1GB', '1.5GiB', '512MiB' or a number of bytes; units are binary (1GB = 2**30)."""
-    match = SIZE_PATTERN.fullmatch(text.strip()) if isinstance(text, str) else None
-    if match is None:
-        raise InvalidArgument(f"--size {text!r} is not a size: write e.g. 64MB, 1GB, 1.5GiB or 512MiB")
-    number, unit = match.groups()
-    size = int(float(number) * UNITS[unit.lower()])
+    """The model size asked for: '64MB', '1GB', '1.5GiB', '512MiB' (binary units, see zerogpu.units)."""
+    size = units.parse_size(text, "--size")
     if size < MIN_SIZE:
         raise InvalidArgument(f"--size {text} is below the smallest model the bench builds, 1MB: ask for more")
     return size
