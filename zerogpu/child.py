@@ -85,7 +85,9 @@ def harden(lifeline_fd: int) -> None:
     for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD, signal.SIGPIPE):
         signal.signal(number, signal.SIG_DFL)
     close_listening_sockets()
-    faulthandler.enable()
+    # Descriptor 2 itself: sys.stderr may have none (Jupyter, click's test runner), and then
+    # enable() would raise and the worker would die before its first call.
+    faulthandler.enable(file=2)
 
 
 def _watch_lifeline(fd: int) -> None:
