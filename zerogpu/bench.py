@@ -127,13 +127,22 @@ def model_shape(size: int) -> tuple[int, int]:
     return max(1, round(size / layer_bytes(width))), width
 
 
-def plan(size: str, repeat: int, json_path: str | os.PathLike | None = None) -> Plan:
+def parse_repeat(text: str | int) -> int:
+    try:
+        repeat = int(text)
+    except ValueError:
+        raise InvalidArgument(f"--repeat {text!r} is not a whole number: write e.g. --repeat 3") from None
+    if repeat < 1:
+        raise InvalidArgument(f"--repeat {repeat} must be a whole number of at least 1")
+    return repeat
+
+
+def plan(size: str, repeat: str | int, json_path: str | os.PathLike | None = None) -> Plan:
     """Check the arguments and this machine's room for them; InvalidArgument says what is wrong."""
     from . import devices, runtime
 
     nbytes = parse_size(size)
-    if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
-        raise InvalidArgument(f"--repeat {repeat} must be a whole number of at least 1")
+    repeat = parse_repeat(repeat)
     target = Path(json_path) if json_path is not None else None
     if target is not None and not target.parent.is_dir():
         raise InvalidArgument(f"--json {json_path}: the folder {target.parent} does not exist")

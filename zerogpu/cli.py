@@ -46,7 +46,9 @@ def fail(command: str, message: object, code: int = 1) -> NoReturn:
 def bench(
     size: Annotated[str, typer.Option(help="model size: 64MB, 1GB, 1.5GiB, 512MiB (binary: 1GB = 2**30 bytes)")]
     = "1GB",
-    repeat: Annotated[int, typer.Option(help="timed repeats of each measurement; the table shows medians")] = 3,
+    # Read as text so that every bad value gets the same one-line answer.
+    repeat: Annotated[str, typer.Option(metavar="N", help="timed repeats of each measurement; the table shows medians")]
+    = "3",
     json_path: Annotated[Path | None, typer.Option("--json", help="also write every figure to this JSON file")]
     = None,
 ) -> None:
