@@ -136,6 +136,7 @@ def test_bench_prints_the_table_and_writes_every_figure(env):
 
 def test_bench_as_a_process(env):
     target = env.tmp / "bench.json"
+    env.environ["ZEROGPU_IDLE_TIMEOUT"] = "30"  # the cold calls must be cold all the same
     done = run_command([*zerogpu_command(), "bench", "--size", "8MB", "--repeat", "1", "--json", str(target)], env)
     assert done.returncode == 0, done.stderr
     check_report(json.loads(target.read_text()), repeat=1)
@@ -164,6 +165,7 @@ def fake_statvfs(free: int):
     (["--repeat", "-3"], None, "--repeat -3 must be"),
     (["--repeat", "2.5"], None, "--repeat '2.5' is not a whole number"),
     (["--json", "/nonexistent/folder/bench.json"], None, "the folder /nonexistent/folder does not exist"),
+    (["--json", "/"], None, "--json /: cannot write a file there"),
 ])
 def test_bad_arguments_exit_with_one_line_before_anything_is_taken(env, monkeypatch, args, patch, message):
     if patch is not None:

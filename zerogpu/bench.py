@@ -35,6 +35,7 @@ from __future__ import annotations
 import datetime
 import gc
 import math
+import mmap
 import os
 import platform
 import queue
@@ -53,13 +54,15 @@ from typing import Any
 import psutil
 import torch
 from rich.table import Table
+from safetensors.torch import load_file, save_file
 
 from . import units
 from .errors import InvalidArgument
 
 MiB, GiB = 2**20, 2**30
 MIN_SIZE = MiB
-DEFAULT_SIZE = "1GB"
+DEFAULT_SIZE = "1GB"  # a model a laptop holds twice over
+DEFAULT_REPEAT = 3
 WIDTH = 2048  # layer width: 16 MiB of weights per layer, as in a mid-sized transformer
 BATCH = 8  # rows of the input each call runs
 SEED = 0
@@ -67,10 +70,10 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 # The `spaces` loader reads through two pinned buffers of 128 MiB.
 BUFFER_BYTES = 128 * MiB
 BUFFER_COUNT = 2
-# Host memory held at once, in copies of the weights: the model or its snapshot,
-# and the copy one call restores or loads (on the emulated backend both live in
-# host memory; on a GPU the second is device memory, and building the file
-# for load_file briefly holds a second host copy). Plus the read buffers.
+# Host memory held at once, in copies of the weights: the model and its snapshot
+# while it is packed; later the snapshot (or the weights in ordinary memory) and
+# the copy one call restores or loads, which is host memory on the emulated
+# backend and device memory on a GPU. Plus the read buffers.
 HOST_COPIES = 2
 CALL_DURATION = 600.0  # seconds each bench call may take: a large model on a slow machine
 BENCH_QUOTA = 1e9  # GPU seconds the bench's private ledger allows: never the limit
@@ -144,8 +147,11 @@ def plan(size: str, repeat: str | int, json_path: str | os.PathLike | None = Non
     nbytes = parse_size(size)
     repeat = parse_repeat(repeat)
     target = Path(json_path) if json_path is not None else None
-    if target is not None and not target.parent.is_dir():
-        raise InvalidArgument(f"--json {json_path}: the folder {target.parent} does not exist")
+    if target is not None:
+        if not target.parent.is_dir():
+            raise InvalidArgument(f"--json {json_path}: the folder {target.parent} does not exist")
+        if target.is_dir() or not os.access(target.parent, os.W_OK):
+            raise InvalidArgument(f"--json {json_path}: cannot write a file there; name a file in a writable folder")
     layers, width = model_shape(nbytes)
     nbytes = layers * layer_bytes(width)
     backend = runtime.choose_backend()
@@ -240,6 +246,8 @@ def compare(output: torch.Tensor, reference: torch.Tensor) -> str:
 
 @dataclass(frozen=True)
 class FileEntry:
+    """Where one tensor's bytes are in the loader's file."""
+
     name: str
     dtype: torch.dtype
     shape: tuple[int, ...]
@@ -311,8 +319,6 @@ class BufferedFileLoader:
         if self.backend == "cuda":
             return torch.empty(BUFFER_BYTES, dtype=torch.uint8, pin_memory=True)
         # An anonymous mapping starts on a page, as O_DIRECT needs.
-        import mmap
-
         return torch.frombuffer(mmap.mmap(-1, BUFFER_BYTES), dtype=torch.uint8)
 
     def _read(self, fd: int, free: queue.Queue, filled: queue.Queue) -> None:
@@ -421,7 +427,7 @@ def timed_call(function: Callable, x: torch.Tensor) -> tuple[torch.Tensor, dict[
         call.close()
     ended = time.perf_counter()
     if returned is None:
-        raise AssertionError("a bench call ended without a result")  # Call raises its errors itself
+        raise AssertionError("a call ended without a result")  # pragma: no cover - Call raises instead
     phases = {name: call.phases[name] for name in PHASES if name in call.phases}
     phases["release"] = ended - returned
     phases["other"] = (ended - started) - sum(phases.values())
@@ -489,14 +495,16 @@ def measure_zerogpu(plan: Plan, model: Stack, x: torch.Tensor, ledger: Path,
         pack["bytes"] = packed
         pack["gbps"] = packed / pack["median"] / 1e9
 
-        say("zerogpu: a first call through the decorated function (not timed)")
-        reference = forward(x)
         cold, cold_outputs = [], []
-        for i in range(plan.repeat):
-            say(f"zerogpu: cold call {i + 1}/{plan.repeat}")
-            output, figures = timed_call(forward, x)
-            cold.append(figures)
-            cold_outputs.append(output)
+        # Cold calls need workers that exit after their call, whatever the environment says.
+        with environment("ZEROGPU_IDLE_TIMEOUT", "0"):
+            say("zerogpu: a first call through the decorated function (not timed)")
+            reference = forward(x)
+            for i in range(plan.repeat):
+                say(f"zerogpu: cold call {i + 1}/{plan.repeat}")
+                output, figures = timed_call(forward, x)
+                cold.append(figures)
+                cold_outputs.append(output)
         warm, warm_outputs = [], []
         with environment("ZEROGPU_IDLE_TIMEOUT", str(WARM_IDLE)):
             say("zerogpu: a call that leaves its worker warm (not timed)")
@@ -552,8 +560,6 @@ def measure_alternatives(plan: Plan, weights_file: Path, loader: BufferedFileLoa
                          x: torch.Tensor, reference: torch.Tensor,
                          say: Callable[[str], None]) -> dict[str, Any]:
     """The same calls without zerogpu, in this process; per-call loaders take turns each round."""
-    from safetensors.torch import load_file
-
     device = torch.device("cuda" if plan.backend == "cuda" else "cpu")
     # The model in ordinary (pageable, private) memory, as an app holds it.
     ordinary = {name: tensor.clone() for name, tensor in load_file(weights_file).items()}
@@ -611,8 +617,6 @@ def run(plan: Plan, say: Callable[[str], None]) -> dict[str, Any]:
         x = torch.randn(BATCH, plan.width, generator=torch.Generator().manual_seed(SEED + 1))
         say(f"writing the weights to {workdir} for the file-based loaders")
         weights_file = workdir / "model.safetensors"
-        from safetensors.torch import save_file
-
         save_file(model.state_dict(), weights_file)
         loader = BufferedFileLoader(workdir / "model.bin", model.state_dict(), plan.backend)
 

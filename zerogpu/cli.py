@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .bench import DEFAULT_REPEAT, DEFAULT_SIZE
 from .daemon import HEARTBEAT_TIMEOUT
 from .errors import InvalidArgument, ZeroGPUError
 from .policy import DEFAULT_AGING
@@ -45,10 +46,10 @@ def fail(command: str, message: object, code: int = 1) -> NoReturn:
 @app.command()
 def bench(
     size: Annotated[str, typer.Option(help="model size: 64MB, 1GB, 1.5GiB, 512MiB (binary: 1GB = 2**30 bytes)")]
-    = "1GB",
+    = DEFAULT_SIZE,
     # Read as text so that every bad value gets the same one-line answer.
     repeat: Annotated[str, typer.Option(metavar="N", help="timed repeats of each measurement; the table shows medians")]
-    = "3",
+    = str(DEFAULT_REPEAT),
     json_path: Annotated[Path | None, typer.Option("--json", help="also write every figure to this JSON file")]
     = None,
 ) -> None:
