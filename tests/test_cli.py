@@ -435,3 +435,22 @@ def test_main_module_runs_the_cli(env):
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["backend"]["name"] == "emulated"
     assert done.stderr == ""
+
+
+# -- the README ------------------------------------------------------------------------------
+
+
+def test_readme_test_command_is_what_ci_runs():
+    readme = (ROOT / "README.md").read_text()
+    steps = [line for line in (ROOT / ".ci" / "run").read_text().splitlines()
+             if line and not line.startswith(("#", "set ", "cd "))]
+    assert " && ".join(steps) in readme
+    assert " && ".join([*steps[:2], "pip install torch==2.13.0 && pip install -e . && zerogpu bench"]) in readme
+
+
+def test_readme_example_is_the_quickstart_example():
+    readme = (ROOT / "README.md").read_text()
+    shown = readme.rsplit("```python\n", 1)[1].split("```", 1)[0]
+    source = (EXAMPLES / "quickstart.py").read_text()
+    assert source.endswith(shown)
+    assert source[: -len(shown)].rstrip().endswith('"""')  # only the docstring is left out
