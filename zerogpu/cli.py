@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .bench import DEFAULT_REPEAT, DEFAULT_SIZE
+from . import bench as measure
 from .daemon import HEARTBEAT_TIMEOUT
 from .errors import InvalidArgument, ZeroGPUError
 from .policy import DEFAULT_AGING
@@ -46,10 +46,10 @@ def fail(command: str, message: object, code: int = 1) -> NoReturn:
 @app.command()
 def bench(
     size: Annotated[str, typer.Option(help="model size: 64MB, 1GB, 1.5GiB, 512MiB (binary: 1GB = 2**30 bytes)")]
-    = DEFAULT_SIZE,
+    = measure.DEFAULT_SIZE,
     # Read as text so that every bad value gets the same one-line answer.
     repeat: Annotated[str, typer.Option(metavar="N", help="timed repeats of each measurement; the table shows medians")]
-    = str(DEFAULT_REPEAT),
+    = str(measure.DEFAULT_REPEAT),
     json_path: Annotated[Path | None, typer.Option("--json", help="also write every figure to this JSON file")]
     = None,
 ) -> None:
@@ -57,8 +57,6 @@ def bench(
 
     Uses the GPU when one is visible and the emulated backend otherwise.
     """
-    from . import bench as measure
-
     try:
         plan = measure.plan(size, repeat, json_path)
     except InvalidArgument as error:
@@ -178,7 +176,6 @@ def gather_info() -> dict[str, Any]:
 
     from . import devices, runtime, settings
     from ._ext import _engine
-    from .bench import package_version
     from .engine import driver_info
 
     try:
@@ -191,7 +188,7 @@ def gather_info() -> dict[str, Any]:
         name, reason, found = None, str(error), []
     shm = os.statvfs("/dev/shm")
     return {
-        "zerogpu": package_version("zerogpu"),
+        "zerogpu": measure.package_version("zerogpu"),
         "torch": {"version": torch.__version__, "cuda": torch.version.cuda},
         "backend": {"name": name, "reason": reason},
         "devices": found,
