@@ -373,7 +373,7 @@ def test_call_past_its_duration_is_killed(gpu):
 
 
 def test_hang_inside_restore_is_killed_and_not_charged(gpu, monkeypatch):
-    torch.nn.Linear(256, 256).to("cuda")
+    model = torch.nn.Linear(256, 256).to("cuda")  # noqa: F841 - kept alive, so it is restored
     zerogpu.startup()
     monkeypatch.setenv("ZEROGPU_EMULATED_FAULTS", "hang_after_bytes=0")
 
@@ -387,7 +387,7 @@ def test_hang_inside_restore_is_killed_and_not_charged(gpu, monkeypatch):
 
 
 def test_failed_restore_is_a_restore_error_and_not_charged(gpu, monkeypatch):
-    torch.nn.Linear(256, 256).to("cuda")
+    model = torch.nn.Linear(256, 256).to("cuda")  # noqa: F841 - kept alive, so it is restored
     zerogpu.startup()
     monkeypatch.setenv("ZEROGPU_EMULATED_FAULTS", "fail_after_bytes=1024")
 
@@ -531,12 +531,81 @@ def test_parent_killed_mid_call_leaves_no_worker(tmp_path):
         parent.wait()
 
 
+def test_async_calls_run_on_the_callers_identity(gpu, monkeypatch):
+    seen = []
+    real_acquire = type(scheduler()).acquire
+
+    def acquire(self, request, **kwargs):
+        seen.append(request.identity)
+        return real_acquire(self, request, **kwargs)
+
+    monkeypatch.setattr(type(scheduler()), "acquire", acquire)
+
+    @zerogpu.GPU
+    async def work():
+        return 1
+
+    @zerogpu.GPU
+    async def stream():
+        yield 1
+
+    async def main():
+        with zerogpu.identity("bob", tier="pro"):
+            await work()
+            assert [value async for value in stream()] == [1]
+
+    asyncio.run(main())
+    assert [(who.user, who.tier) for who in seen] == [("bob", "pro"), ("bob", "pro")]
+
+
+def test_worker_dying_in_restore_is_not_charged(gpu, monkeypatch):
+    from zerogpu import restore
+
+    def dies(*args):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    monkeypatch.setattr(restore, "restore", dies)  # the worker inherits it at the fork
+
+    @zerogpu.GPU
+    def never_runs():
+        return "ran"
+
+    with pytest.raises(zerogpu.WorkerCrashed, match="while restoring the weights"):
+        never_runs()
+    assert used_seconds() == 0
+
+
+def test_model_moved_to_cuda_after_the_first_call_is_packed(gpu):
+    def weights_sum():
+        with torch.no_grad():
+            return sum(float(p.sum()) for model in models for p in model.parameters())
+
+    total = zerogpu.GPU(weights_sum)
+
+    models = [torch.nn.Linear(16, 16).to("cuda")]
+    total()
+    assert len(runtime.models()) == 1
+    small = torch.nn.Linear(8, 8).to("cuda")  # a request's worth of tensors: not packed
+    total()
+    assert len(runtime.models()) == 1
+    models.append(torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(17)]).to("cuda"))
+    expected = weights_sum()
+    assert total() == pytest.approx(expected, rel=1e-5)
+    assert len(runtime.models()) == 2
+    del models[:], small
+    import gc
+
+    gc.collect()
+    total()
+    assert runtime.models() == []  # snapshots nothing uses are freed
+
+
 # -- warm workers --------------------------------------------------------------
 
 
 def test_warm_worker_serves_the_next_call_without_forking(gpu, monkeypatch):
     monkeypatch.setenv("ZEROGPU_IDLE_TIMEOUT", "30")
-    torch.nn.Linear(32, 32).to("cuda")
+    model = torch.nn.Linear(32, 32).to("cuda")  # noqa: F841 - restored by the warm worker once
 
     @zerogpu.GPU
     def pid():
@@ -602,27 +671,32 @@ def runtime_pool_close():
 # -- the worker's surroundings -------------------------------------------------
 
 
-def test_worker_sees_only_its_device_and_closes_inherited_listening_sockets(gpu):
+def test_worker_sees_only_its_device_and_closes_the_servers_sockets(gpu):
     import faulthandler
     import socket
 
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen()
-    listening_fd = server.fileno()
+    client = socket.create_connection(server.getsockname())
+    accepted, _ = server.accept()
+    listening_fd, accepted_fd = server.fileno(), accepted.fileno()
 
     @zerogpu.GPU
     def look():
         import multiprocessing
 
-        try:
-            os.fstat(listening_fd)
-            still_open = True
-        except OSError:
-            still_open = False
+        def is_open(fd):
+            try:
+                os.fstat(fd)
+                return True
+            except OSError:
+                return False
+
         return {
             "visible": os.environ["CUDA_VISIBLE_DEVICES"],
-            "listening_fd_open": still_open,
+            "listening_fd_open": is_open(listening_fd),
+            "accepted_fd_open": is_open(accepted_fd),
             "faulthandler": faulthandler.is_enabled(),
             "process_group": os.getpgrp() == os.getpid(),
             "daemonic": multiprocessing.current_process().daemon,
@@ -631,9 +705,12 @@ def test_worker_sees_only_its_device_and_closes_inherited_listening_sockets(gpu)
     try:
         seen = look()
     finally:
-        server.close()
+        for sock in (server, client, accepted):
+            sock.close()
     assert seen["visible"] in {device.visible_id for device in runtime_devices()}
-    assert seen == dict(seen, listening_fd_open=False, faulthandler=True, process_group=True, daemonic=False)
+    assert seen == dict(
+        seen, listening_fd_open=False, accepted_fd_open=False, faulthandler=True, process_group=True, daemonic=False
+    )
 
 
 def test_two_gpus_serve_four_large_calls_at_once(gpu, tmp_path):

@@ -22,13 +22,14 @@ from .errors import (
     Cancelled,
     InvalidArgument,
     RestoreError,
+    SerializationError,
     WorkerCrashed,
 )
 from .identity import current as current_identity
+from .policy import SIZES
 from .warm import pool
 
 DEFAULT_DURATION = 60.0
-SIZES = ("large", "xlarge")
 # How long a worker asked to stop a generator may take before it is killed.
 CLOSE_GRACE = 2.0
 # How long a worker that finished its call may take to exit before it is killed.
@@ -96,10 +97,13 @@ class Call:
     def __init__(self, task: Task, args: tuple, kwargs: dict) -> None:
         self.task = task
         self.duration = resolve_duration(task, args, kwargs)
+        # Read here, in the caller's context: start() may run on another thread.
+        self.identity = current_identity()
         self.payload = transport.dumps((args, kwargs), to_device=True)
         self.cancel_event = threading.Event()
         self.lease = None
         self.worker: worker.Worker | None = None
+        self.warm = False
         self.granted = 0.0
         self.deadline: float | None = None
         self.stage = "queue"
@@ -107,7 +111,8 @@ class Call:
         self.clean = False
         self.complete = False
         self.ended = False
-        self.phases: dict[str, float] = {}
+        self._ending = threading.Lock()
+        self.phases: dict[str, Any] = {}
 
     # -- start --------------------------------------------------------------
 
@@ -117,7 +122,7 @@ class Call:
 
         try:
             runtime.ensure_started()
-            request = LeaseRequest(current_identity(), self.duration, self.task.size, self.task.key)
+            request = LeaseRequest(self.identity, self.duration, self.task.size, self.task.key)
             asked = time.monotonic()
             self.lease = scheduler().acquire(request, timeout=settings.queue_timeout(), cancel=self.cancel_event)
         except BaseException:
@@ -133,16 +138,18 @@ class Call:
         try:
             self.worker = pool.take(self.lease) if self.lease.warm else None
             if self.worker is None:
-                self.worker = worker.spawn(self.task.key, partial(child.main, plan=self.plan()))
                 self.stage = "attach"
+                self.worker = worker.spawn(self.task.key, partial(child.main, plan=self.plan()))
             else:
                 self.stage = "run"
-                self.phases["warm"] = 1.0
+                self.warm = True
             if self.cancel_event.is_set():
                 raise Cancelled(f"{self.task.name} was cancelled by its caller")
             self.worker.send(("call", self.task.key))
             self.worker.send_bytes(self.payload)
         except BaseException:
+            if self.stage != "run":
+                self.charge = False  # the user's code never ran
             self.end()
             raise
 
@@ -196,6 +203,8 @@ class Call:
                 self.charge = False
                 error = AttachError if message[1] == "attach" else RestoreError
                 cause = transport.rebuild_exception(message[2])
+                if isinstance(cause, error):
+                    raise cause
                 raise error(f"{self.task.name} could not start: {cause}") from cause
             elif verb == "yield":
                 yield message
@@ -235,18 +244,16 @@ class Call:
 
     def crashed(self, exited: worker.Exited, outcome: tuple | None) -> Exception:
         if outcome is not None and outcome[0] == "exit":
-            return WorkerCrashed(
-                f"{self.task.name} called sys.exit({outcome[1]}) in its worker, which then "
-                f"{exited.describe()}", exitcode=exited.exitcode, signal=exited.signal,
+            message = f"{self.task.name} called sys.exit({outcome[1]}) in its worker, which then {exited.describe()}"
+        else:
+            where = {"attach": " while attaching its GPU", "restore": " while restoring the weights"}
+            if self.stage in where:
+                self.charge = False  # zerogpu's or the GPU's failure, not the user's code
+            message = (
+                f"the worker running {self.task.name} {exited.describe()}{where.get(self.stage, '')} "
+                "before it returned a result"
             )
-        where = {"attach": "while attaching its GPU", "restore": "while restoring the weights"}.get(self.stage, "")
-        return WorkerCrashed(
-            f"the worker running {self.task.name} {exited.describe()} {where} before it returned a result".replace(
-                "  ", " "
-            ),
-            exitcode=exited.exitcode,
-            signal=exited.signal,
-        )
+        return WorkerCrashed(message, exitcode=exited.exitcode, signal=exited.signal)
 
     # -- stop ---------------------------------------------------------------
 
@@ -254,23 +261,27 @@ class Call:
         """End the call; if the caller stopped early, ask the worker to close its generator first.
 
         A worker that does not answer within CLOSE_GRACE seconds is killed.
+        Called by the thread that reads the call's messages, never alongside it.
         """
-        if self.ended or self.complete or self.worker is None or not self.worker.alive:
+        try:
+            if not (self.ended or self.complete or self.cancel_event.is_set()) and self.worker and self.worker.alive:
+                self.ask_to_close()
+        finally:
             self.end()
-            return
+
+    def ask_to_close(self) -> None:
         try:
             self.worker.send(("close",))
             deadline = time.monotonic() + CLOSE_GRACE
             while True:
                 message = self.worker.receive(deadline)
                 if isinstance(message, worker.Exited):
-                    break
+                    return
                 if message[0] == "done":
                     self.clean = True
-                    break
-        except (TimeoutError, OSError, EOFError):
-            pass
-        self.end()
+                    return
+        except (TimeoutError, EOFError, OSError, SerializationError):
+            pass  # end() kills it
 
     def cancel(self) -> None:
         """The caller gave up (a cancelled task): leave the queue or kill the worker now."""
@@ -280,9 +291,10 @@ class Call:
 
     def end(self) -> None:
         """Release the lease and everything the call held; safe to call more than once."""
-        if self.ended:
-            return
-        self.ended = True
+        with self._ending:
+            if self.ended:
+                return
+            self.ended = True
         from .scheduler import scheduler
 
         transport.discard(self.payload)

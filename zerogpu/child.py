@@ -8,17 +8,21 @@ of objects it inherited) runs a second time here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import faulthandler
+import inspect
 import os
 import signal
 import socket
+import stat
 import sys
 import threading
 import time
+import traceback
 from typing import Any, Callable, Iterator, NoReturn
 
-from . import transport
+from . import attach, restore, transport
 from .errors import SerializationError
 
 PR_SET_PDEATHSIG = 1
@@ -33,13 +37,14 @@ def in_worker() -> bool:
     return _in_worker
 
 
-def main(sock: socket.socket, lifeline_fd: int, plan: "Plan") -> NoReturn:
+def main(sock: socket.socket, lifeline_fd: int, parent: int, plan: "Plan") -> NoReturn:
     """Serve calls until the parent closes the socket, then exit."""
     global _in_worker
     _in_worker = True
     code = 0
     try:
-        harden(lifeline_fd)
+        harden(lifeline_fd, parent)
+        close_server_sockets(keep=sock.fileno())
         channel = transport.Channel(sock)
         if not prepare(channel, plan):
             code = EXIT_FAILED_STAGE
@@ -50,8 +55,6 @@ def main(sock: socket.socket, lifeline_fd: int, plan: "Plan") -> NoReturn:
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
     except BaseException:  # noqa: BLE001 - the worker must end here, whatever happened
-        import traceback
-
         traceback.print_exc()
         code = 1
     finally:
@@ -72,9 +75,8 @@ class Plan:
         self.stay_warm = stay_warm
 
 
-def harden(lifeline_fd: int) -> None:
-    """Make sure this worker can never outlive its parent nor hold what is not its own."""
-    parent = os.getppid()
+def harden(lifeline_fd: int, parent: int) -> None:
+    """Make sure this worker can never outlive its parent, `parent` the pid it had before the fork."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:  # the parent died before prctl took effect
@@ -84,7 +86,6 @@ def harden(lifeline_fd: int) -> None:
     threading.Thread(target=_watch_lifeline, args=(lifeline_fd,), name="zerogpu-lifeline", daemon=True).start()
     for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD, signal.SIGPIPE):
         signal.signal(number, signal.SIG_DFL)
-    close_listening_sockets()
     # Descriptor 2 itself: sys.stderr may have none (Jupyter, click's test runner), and then
     # enable() would raise and the worker would die before its first call.
     faulthandler.enable(file=2)
@@ -102,36 +103,47 @@ def _watch_lifeline(fd: int) -> None:
     os._exit(EXIT_PARENT_GONE)
 
 
-def close_listening_sockets() -> None:
-    """Close inherited listening sockets, so a web server's port is not held by a worker."""
+def close_server_sockets(keep: int) -> None:
+    """Close inherited listening sockets and the connections accepted on them.
+
+    A worker must not hold a web server's port, nor its clients' connections
+    (a client the server closes would otherwise get no FIN until the worker
+    exits). Other sockets, such as a database connection, are left alone,
+    and so is `keep`, the worker's own channel.
+    """
+    sockets = {}
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
+        if fd == keep:
+            continue
         try:
-            if not stat_is_socket(fd):
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
                 continue
             probe = socket.socket(fileno=os.dup(fd))
         except OSError:
             continue
-        try:
-            listening = probe.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
-        except OSError:
-            listening = 0
-        finally:
-            probe.close()
-        if listening:
+        with probe:
+            try:
+                listening = probe.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+                sockets[fd] = (listening, probe.family, probe.type, local_port_or_path(probe.getsockname()))
+            except OSError:
+                continue
+    served = {(family, address) for listening, family, _, address in sockets.values() if listening}
+    for fd, (listening, family, kind, address) in sockets.items():
+        if listening or (kind == socket.SOCK_STREAM and address and (family, address) in served):
             os.close(fd)
 
 
-def stat_is_socket(fd: int) -> bool:
-    import stat
-
-    return stat.S_ISSOCK(os.fstat(fd).st_mode)
+def local_port_or_path(address) -> object:
+    # A server listening on 0.0.0.0:8000 accepts connections whose local
+    # address is 10.0.0.5:8000: the port is what they share.
+    if isinstance(address, tuple):
+        return address[1]
+    return address
 
 
 def prepare(channel: transport.Channel, plan: Plan) -> bool:
     """Attach the leased GPU and restore the weights onto it; report each stage."""
-    from . import attach, restore
-
     started = time.monotonic()
     try:
         engine = attach.attach(plan.lease, plan.backend)
@@ -142,7 +154,7 @@ def prepare(channel: transport.Channel, plan: Plan) -> bool:
     channel.send(("attached", {"pid": os.getpid(), "started": started, "attach_s": attached - started}),
                  to_device=False)
     try:
-        stats = restore.restore(plan.models, engine, plan.backend)
+        stats = restore.restore(plan.models, engine, plan.backend, plan.lease)
     except BaseException as exc:  # noqa: BLE001 - reported to the parent
         channel.send(("failed", "restore", transport.capture_exception(exc)), to_device=False)
         return False
@@ -178,8 +190,6 @@ def serve(channel: transport.Channel, plan: Plan) -> None:
 
 def run(channel: transport.Channel, fn: Callable, args: tuple, kwargs: dict) -> None:
     """Step 6 and 7: run the user's function and send back what it returns, yields or raises."""
-    import inspect
-
     started = finished = time.monotonic()
     try:
         if inspect.isasyncgenfunction(fn):
@@ -213,16 +223,17 @@ def reply(channel: transport.Channel, message: tuple) -> None:
 
 
 def stream(channel: transport.Channel, generator: Iterator) -> None:
-    """Send each value as it is produced; stop when the caller asks."""
-    try:
+    """Send each value as it is produced; stop when the caller asks or a value cannot be sent."""
+    with contextlib.closing(generator):
         for value in generator:
-            reply(channel, ("yield", value))
+            try:
+                channel.send(("yield", value), to_device=False)
+            except SerializationError as exc:
+                channel.send(("raise", transport.capture_exception(exc)), to_device=False)
+                return
             if closing_requested(channel):
-                generator.close()
                 channel.send(("closed",), to_device=False)
                 return
-    finally:
-        generator.close()
     channel.send(("end",), to_device=False)
 
 

@@ -10,6 +10,7 @@ zerogpu is not enabled, the function runs as it is.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import inspect
 import threading
@@ -23,7 +24,6 @@ from .errors import InvalidArgument
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-_wrappers: dict[Callable, Callable] = {}
 _lock = threading.Lock()
 
 
@@ -40,6 +40,11 @@ def GPU(task=None, *, duration=None, size=None):
     size: "large" (half a GPU, the default) or "xlarge" (a whole GPU).
 
     `@GPU`, `@GPU(duration=30)`, `@GPU(45)` and `@GPU("xlarge")` all work.
+
+    Decorate at import time, after zerogpu is enabled (ZEROGPU=1 or
+    zerogpu.enable()): while it is not, the function is returned unchanged.
+    A decorated function is kept for the life of the process, so that any
+    worker forked later can find it.
     """
     if callable(task):
         return _decorate(task, duration, size)
@@ -62,15 +67,14 @@ def _decorate(fn: Callable, duration: Any, size: str | None) -> Callable:
     if not runtime.is_enabled():
         return fn
     with _lock:
-        if fn in _wrappers:
-            return _wrappers[fn]
+        if fn in runtime.wrappers:
+            return runtime.wrappers[fn]
         key = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', '?')}:{id(fn):x}"
         task = Task(fn=fn, key=key, duration=duration, size=size)
         wrapper = wrap(task)
         wrapper.zerogpu = task  # type: ignore[attr-defined]
         runtime.functions[key] = fn
-        _wrappers[fn] = wrapper
-        _wrappers[wrapper] = wrapper
+        runtime.wrappers[fn] = runtime.wrappers[wrapper] = wrapper
         return wrapper
 
 
@@ -131,7 +135,11 @@ def inline() -> bool:
 
 
 def run(task: Task, args: tuple, kwargs: dict) -> Any:
-    call = Call(task, args, kwargs)
+    return finish(Call(task, args, kwargs))
+
+
+def finish(call: Call) -> Any:
+    """Start `call` and wait for its result."""
     call.start()
     for verb, value in call.messages():
         if verb == "return":
@@ -140,54 +148,54 @@ def run(task: Task, args: tuple, kwargs: dict) -> Any:
 
 
 async def run_async(task: Task, args: tuple, kwargs: dict) -> Any:
-    """Await a call without blocking the event loop; cancelling it kills the worker."""
+    """Await a call without blocking the event loop; cancelling it kills the worker.
+
+    The thread that runs the call ends it, cancelled or not: it alone reads
+    the worker's messages.
+    """
     call = Call(task, args, kwargs)
     try:
-        return await in_thread(lambda: run_started(call))
+        return await in_thread(lambda: finish(call))
     except asyncio.CancelledError:
         call.cancel()
         raise
-
-
-def run_started(call: Call) -> Any:
-    call.start()
-    for verb, value in call.messages():
-        if verb == "return":
-            return value
-    raise AssertionError("a call ended without a result")  # pragma: no cover
 
 
 async def stream_async(task: Task, args: tuple, kwargs: dict):
     """Stream a call's values into an async generator, one thread hop per value."""
     call = Call(task, args, kwargs)
     done = object()
+    messages = call.messages()
+
+    def next_value():
+        for verb, value in messages:
+            if verb == "yield":
+                return value
+        return done
+
     try:
         await in_thread(call.start)
-        messages = call.messages()
-
-        def next_value():
-            for verb, value in messages:
-                if verb == "yield":
-                    return value
-            return done
-
         while (value := await in_thread(next_value)) is not done:
             yield value
     except asyncio.CancelledError:
+        # A thread is still reading the call; it sees the worker die and ends the call.
         call.cancel()
         raise
-    finally:
+    except GeneratorExit:
+        # The consumer stopped between values: nothing else reads the call now.
         await in_thread(call.close)
+        raise
 
 
 async def in_thread(fn: Callable[[], Any]) -> Any:
-    """Run a blocking step on its own thread: calls may wait minutes for a GPU."""
+    """Run a blocking step on its own thread, in the caller's context: calls may wait minutes for a GPU."""
     loop = asyncio.get_running_loop()
     future = loop.create_future()
+    context = contextvars.copy_context()
 
     def target():
         try:
-            outcome = (fn(), None)
+            outcome = (context.run(fn), None)
         except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
             outcome = (None, exc)
         try:

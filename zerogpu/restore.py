@@ -7,10 +7,11 @@ Every tensor the parent recorded keeps its Python identity (the same
 
 from __future__ import annotations
 
-from .errors import RestoreError
+from .errors import CudaError, RestoreError
+from .units import describe_size
 
 
-def restore(models: list, engine, backend: str) -> list[dict]:
+def restore(models: list, engine, backend: str, lease) -> list[dict]:
     """Restore every packed model through the engine; give each restore's figures."""
     from .engine import restore_snapshot
 
@@ -20,14 +21,29 @@ def restore(models: list, engine, backend: str) -> list[dict]:
         for model in models:
             _, views, stats = restore_snapshot(model.snapshot, device, engine=engine)
             model.rebind(views, keep_mark=backend == "emulated")
-            figures.append(vars(stats) if hasattr(stats, "__dict__") else dict(stats))
+            figures.append(vars(stats))
         if backend == "cuda":
             move_unpacked(models)
-    except RestoreError:
-        raise
+    except CudaError as exc:
+        if exc.name == "CUDA_ERROR_OUT_OF_MEMORY":
+            raise RestoreError(out_of_memory(models, lease)) from exc
+        raise RestoreError(f"could not restore the model's weights onto the device: {exc}") from exc
     except Exception as exc:
         raise RestoreError(f"could not restore the model's weights onto the device: {exc}") from exc
     return figures
+
+
+def out_of_memory(models: list, lease) -> str:
+    needed = sum(model.nbytes for model in models)
+    allowed = lease.memory_fraction * lease.device.total_memory
+    advice = (
+        "ask for a whole GPU with @zerogpu.GPU(size='xlarge')" if lease.memory_fraction < 1.0
+        else "the model does not fit this GPU: use a smaller model or a GPU with more memory"
+    )
+    return (
+        f"the weights need {describe_size(needed)} of device memory and this lease allows "
+        f"{describe_size(allowed)} of {lease.device.name}'s {describe_size(lease.device.total_memory)}; {advice}"
+    )
 
 
 def move_unpacked(models: list) -> None:

@@ -10,8 +10,11 @@ from __future__ import annotations
 import threading
 from typing import Callable
 
-from . import settings
+from . import segments, settings
 from .errors import InvalidArgument
+
+# Tensors moved to 'cuda' after the first call are packed once they add up to this.
+LATE_PACK_BYTES = 64 * 2**20
 
 _lock = threading.RLock()
 _enabled = False
@@ -20,6 +23,8 @@ _models: list = []
 _started = False
 # Functions that may run in a worker, by key: a worker forked later finds them here.
 functions: dict[str, Callable] = {}
+# Each decorated function's wrapper, and each wrapper itself: decorating twice gives one wrapper.
+wrappers: dict[Callable, Callable] = {}
 
 
 def is_enabled() -> bool:
@@ -39,11 +44,11 @@ def enable() -> None:
         from . import devices, emulation
 
         backend = choose_backend()
-        found = devices.discover(backend)
-        first = found[0]
-        emulation.patch(emulation.DeviceInfo(
-            name=first.name, total_memory=first.total_memory, count=1,
-        ))
+        first = devices.discover(backend)[0]
+        # The driver's /proc files do not tell the memory (NVML does): keep the default then.
+        memory = {"total_memory": first.total_memory} if first.total_memory > 0 else {}
+        emulation.patch(emulation.DeviceInfo(name=first.name, count=1, **memory))
+        segments.sweep()  # what crashed apps left in /dev/shm
         _backend = backend
         _enabled = True
 
@@ -67,6 +72,7 @@ def disable() -> None:
             model.close()
         _models.clear()
         functions.clear()
+        wrappers.clear()
         reset_scheduler()
         emulation.unpatch()
         _enabled = False
@@ -100,30 +106,56 @@ def startup(progress: Callable[[int], None] | None = None) -> int:
     (a web app before it serves) rather than on the first request.
     """
     global _started
-    from . import emulation, packing
-
     with _lock:
-        _started = True
         if not _enabled:
             raise InvalidArgument("zerogpu is not enabled: call zerogpu.enable() or set ZEROGPU=1")
-        packed = {id(t) for model in _models for t in model.live_tensors()}
-        fresh = [t for t in emulation.live_tensors() if id(t) not in packed]
-        if progress is None:
-            progress = progress_bar(sum(t.untyped_storage().nbytes() for t in fresh)) if fresh else None
-        model = packing.pack(fresh, progress=progress)
-        if model is None:
-            return 0
-        _models.append(model)
-        return model.nbytes
+        packed = pack(fresh_tensors(), progress)
+        _started = True
+        return packed
+
+
+def ensure_started() -> None:
+    """Before each call: pack at the first one; later, pack a model moved to 'cuda' since.
+
+    Tensors moved to 'cuda' after the first call are packed once they add up
+    to LATE_PACK_BYTES (a model loaded later); smaller ones, such as a request's
+    inputs, are not worth a snapshot and travel with the call. Snapshots whose
+    tensors are all gone are freed.
+    """
+    with _lock:
+        if not _started:
+            startup()
+            return
+        for model in [m for m in _models if not m.live_tensors()]:
+            _models.remove(model)
+            model.close()
+        fresh = fresh_tensors()
+        if sum(t.untyped_storage().nbytes() for t in fresh) >= LATE_PACK_BYTES:
+            pack(fresh, None)
+
+
+def fresh_tensors() -> list:
+    """Live tensors moved to 'cuda' that no snapshot holds."""
+    from . import emulation
+
+    packed = {id(t) for model in _models for t in model.live_tensors()}
+    return [t for t in emulation.live_tensors() if id(t) not in packed]
+
+
+def pack(tensors: list, progress: Callable[[int], None] | None) -> int:
+    from . import packing
+
+    if progress is None and tensors:
+        progress = progress_bar(sum(t.untyped_storage().nbytes() for t in tensors))
+    model = packing.pack(tensors, progress=progress)
+    if model is None:
+        return 0
+    _models.append(model)
+    return model.nbytes
 
 
 def models() -> list:
     return list(_models)
-
-
-def ensure_started() -> None:
-    if not _started:
-        startup()
 
 
 def progress_bar(total: int) -> Callable[[int], None] | None:

@@ -25,9 +25,7 @@ import json
 import math
 import mmap
 import os
-import re
 import resource
-import secrets
 import struct
 import warnings
 import weakref
@@ -37,15 +35,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import posix_ipc
-import psutil
 import torch
-from rich.filesize import decimal as format_bytes
 
+from . import segments
 from .errors import InvalidArgument, SnapshotError
+from .units import describe_size
 
-SHM_DIR = "/dev/shm"
-PREFIX = "zerogpu-"
-NAME_PATTERN = re.compile(r"/?(zerogpu-(\d+)-[0-9a-f]+)")
 
 MAGIC = b"ZGPUSNAP"
 VERSION = 1
@@ -202,11 +197,11 @@ class Snapshot:
         size = data_offset + nbytes
         check_free_space(size)
 
-        name = f"{PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
+        name = segments.new_name()
         try:
             shm = posix_ipc.SharedMemory("/" + name, posix_ipc.O_CREX, mode=0o600, size=size)
         except (OSError, posix_ipc.Error) as error:
-            raise SnapshotError(f"could not create shared-memory segment {name} of {format_bytes(size)}: {error}") from error
+            raise SnapshotError(f"could not create shared-memory segment {name} of {describe_size(size)}: {error}") from error
         try:
             # The data goes in through the file descriptor, not the mapping: tmpfs then fills
             # whole pages without zeroing them first or faulting them into this process one
@@ -220,7 +215,7 @@ class Snapshot:
         except BaseException as error:
             shm.unlink()
             if isinstance(error, OSError):
-                raise SnapshotError(f"could not write snapshot {name} ({format_bytes(size)}) into {SHM_DIR}: "
+                raise SnapshotError(f"could not write snapshot {name} ({describe_size(size)}) into {segments.SHM_DIR}: "
                                     f"{error.strerror or error}; free space there or make it larger") from error
             raise
         finally:
@@ -232,10 +227,10 @@ class Snapshot:
     @classmethod
     def attach(cls, name: str) -> Snapshot:
         """Map the snapshot called `name` (made by any process) read-only."""
-        match = NAME_PATTERN.fullmatch(name) if isinstance(name, str) else None
-        if match is None:
+        parsed = segments.parse(name)
+        if parsed is None or parsed[2] != "":
             raise InvalidArgument(f"{name!r} is not a snapshot name: expected 'zerogpu-<pid>-<hex>' (Snapshot.name)")
-        name = match.group(1)
+        name = parsed[0]
         try:
             shm = posix_ipc.SharedMemory("/" + name, read_only=True)
         except posix_ipc.ExistentialError:
@@ -364,38 +359,19 @@ class Snapshot:
         return (type(self).attach, (self.name,))
 
     def __repr__(self) -> str:
-        state = "closed" if self.closed else format_bytes(self.nbytes)
+        state = "closed" if self.closed else describe_size(self.nbytes)
         return f"<Snapshot {self.name}: {len(self.entries)} tensors, {state}>"
 
 
 def sweep() -> list[str]:
     """Unlink the segments whose owning process is dead; return their names."""
-    try:
-        names = sorted(os.listdir(SHM_DIR))
-    except FileNotFoundError:
-        return []
-    removed = []
-    for name in names:
-        match = NAME_PATTERN.fullmatch(name)
-        # A pid from another pid namespace sharing this /dev/shm would look dead here.
-        if match is None or psutil.pid_exists(int(match.group(2))):
-            continue
-        try:
-            posix_ipc.unlink_shared_memory("/" + name)
-        except (posix_ipc.ExistentialError, posix_ipc.PermissionsError):
-            continue  # gone meanwhile, or another user's
-        removed.append(name)
-    return removed
+    return segments.sweep()
 
 
 def unlink_if_owner(name: str, owner: int | None) -> None:
     """Unlink `name` when called in the process that made it (not in a forked child)."""
-    if owner != os.getpid():
-        return
-    try:
-        posix_ipc.unlink_shared_memory("/" + name)
-    except posix_ipc.ExistentialError:
-        pass
+    if owner == os.getpid():
+        segments.unlink(name)
 
 
 # ---- packing
@@ -529,14 +505,13 @@ def send_bytes(fd: int, source_fd: int, source_offset: int, offset: int, nbytes:
 
 def check_free_space(size: int) -> None:
     """InvalidArgument, before anything is made, when /dev/shm cannot hold `size` bytes."""
-    stat = os.statvfs(SHM_DIR)
-    free = stat.f_bavail * stat.f_frsize
+    free, total = segments.free_space()
     if size > free:
         raise InvalidArgument(
-            f"the snapshot needs {format_bytes(size)} of shared memory but {SHM_DIR} has only "
-            f"{format_bytes(free)} free (of {format_bytes(stat.f_blocks * stat.f_frsize)}): free space there "
+            f"the snapshot needs {describe_size(size)} of shared memory but {segments.SHM_DIR} has only "
+            f"{describe_size(free)} free (of {describe_size(total)}): free space there "
             f"(zerogpu.snapshot.sweep() removes segments of dead processes) or make it larger "
-            f"(docker run --shm-size=..., or mount -o remount,size=... {SHM_DIR})")
+            f"(docker run --shm-size=..., or mount -o remount,size=... {segments.SHM_DIR})")
 
 
 # mlock(2) has no binding in Python's standard library.
@@ -556,9 +531,9 @@ def lock_in_ram(whole: torch.Tensor, name: str) -> bool:
     if not memlock_warned:
         memlock_warned = True
         soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
-        limit = "unlimited" if soft == resource.RLIM_INFINITY else format_bytes(soft)
+        limit = "unlimited" if soft == resource.RLIM_INFINITY else describe_size(soft)
         warnings.warn(
-            f"zerogpu: snapshot {name} ({format_bytes(size)}) is not locked in RAM ({reason}): RLIMIT_MEMLOCK "
+            f"zerogpu: snapshot {name} ({describe_size(size)}) is not locked in RAM ({reason}): RLIMIT_MEMLOCK "
             f"allows {limit}. Restores may wait on swap. Raise the limit: `ulimit -l unlimited` in the shell "
             f"that starts the app, LimitMEMLOCK=infinity for a systemd service, --ulimit memlock=-1 for docker.",
             RuntimeWarning, stacklevel=4)

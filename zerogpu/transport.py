@@ -34,8 +34,6 @@ import math
 import mmap
 import os
 import pickle
-import re
-import secrets
 import select
 import socket
 import struct
@@ -50,6 +48,7 @@ import cloudpickle
 import posix_ipc
 import torch
 
+from . import segments
 from .errors import RemoteError, SerializationError, ZeroGPUError
 
 TENSOR_SHM_THRESHOLD = 4 * 2**20
@@ -58,7 +57,6 @@ TENSOR_SHM_THRESHOLD = 4 * 2**20
 MAX_FRAME = 2**40
 """A frame header announcing more than this is corrupt, not a message."""
 
-SHM_DIR = "/dev/shm"  # where Linux keeps POSIX shared memory; listed to find a pid's segments
 MAGIC = b"ZGT1"
 PREFIX = struct.Struct("<4sI")
 FRAME_HEADER = struct.Struct("<Q")
@@ -71,7 +69,6 @@ ALIGN = 16
 SMALL_FRAME = 2**20
 WRITE_CHUNK = 2**26
 EMULATION_MODULE = "zerogpu.emulation"
-SEGMENT_NAME = re.compile(r"/zerogpu-\d+-msg[0-9a-f]+")
 MAX_WALK = 100  # how deep an error looks for the part of an object that cannot be pickled
 
 
@@ -121,17 +118,12 @@ def discard(data: bytes | bytearray | memoryview | mmap.mmap) -> None:
     table, _ = _read_table(memoryview(data).cast("B"))
     for _, _, _, name in table:
         if name is not None:
-            _unlink(name)
+            segments.unlink(name)
 
 
 def segments_of(pid: int) -> list[str]:
     """Names (as posix_ipc takes them) of the message segments process `pid` created."""
-    prefix = f"zerogpu-{pid}-msg"
-    try:
-        entries = os.listdir(SHM_DIR)
-    except FileNotFoundError:
-        return []
-    return sorted("/" + entry for entry in entries if entry.startswith(prefix))
+    return ["/" + name for name in segments.names_of(pid, "msg")]
 
 
 def remove_segments_of(pid: int) -> None:
@@ -141,8 +133,7 @@ def remove_segments_of(pid: int) -> None:
     it, so a worker that died between creating a segment and its receiver
     unlinking it leaks nothing.
     """
-    for name in segments_of(pid):
-        _unlink(name)
+    segments.remove_segments_of(pid, "msg")
 
 
 def _dumps(obj: Any, *, to_device: bool, what: str, threshold: float) -> bytes:
@@ -164,7 +155,7 @@ def _dumps(obj: Any, *, to_device: bool, what: str, threshold: float) -> bytes:
     except BaseException:
         for _, _, _, name in table:
             if name is not None:
-                _unlink(name)
+                segments.unlink(name)
         raise
     head = pickle.dumps(table, protocol=pickle.HIGHEST_PROTOCOL)
     return b"".join([PREFIX.pack(MAGIC, len(head)), head, *blobs, body.getbuffer()])
@@ -182,7 +173,7 @@ def _read_table(view: memoryview) -> tuple[list[tuple[int, int, int, str | None]
         for lo, nbytes, size, name in table:
             if not (lo >= 0 and nbytes >= 0 and size == _round_up(nbytes, ALIGN)):
                 raise ValueError(f"bad entry {(lo, nbytes, size, name)!r}")
-            if name is not None and not SEGMENT_NAME.fullmatch(name):
+            if name is not None and (segments.parse(name) or (0, 0, ""))[2] != "msg":
                 raise ValueError(f"bad entry {(lo, nbytes, size, name)!r}")
     except Exception as exc:
         raise SerializationError(f"the storage table of a message is corrupt: {exc}") from exc
@@ -299,7 +290,7 @@ class _Pickler(cloudpickle.Pickler):
 def _copy_to_segment(span: _StoredSpan) -> str:
     """Copy a span into a new segment straight from its device; return the segment's name."""
     size = _round_up(span.nbytes, ALIGN)
-    name = f"/zerogpu-{os.getpid()}-msg{secrets.token_hex(8)}"
+    name = "/" + segments.new_name("msg")
     try:
         segment = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600, size=size)
     except (posix_ipc.Error, OSError) as exc:
@@ -313,13 +304,13 @@ def _copy_to_segment(span: _StoredSpan) -> str:
         else:
             _copy_from_device(segment.fd, size, source)
     except OSError as exc:
-        _unlink(name)
+        segments.unlink(name)
         raise SerializationError(
             f"could not write {size} bytes of shared memory for a tensor ({exc}); "
-            f"free space in {SHM_DIR} or send smaller tensors"
+            f"free space in {segments.SHM_DIR} or send smaller tensors"
         ) from exc
     except BaseException:
-        _unlink(name)
+        segments.unlink(name)
         raise
     finally:
         segment.close_fd()
@@ -402,7 +393,7 @@ def _open_storages(table: list, view: memoryview, offset: int) -> tuple[list[_Lo
             storages.append(_LoadedSpan(host, lo, nbytes))
     finally:
         for name in names:
-            _unlink(name)
+            segments.unlink(name)
     return storages, offset
 
 
@@ -482,13 +473,6 @@ def _extent_of(shape: tuple[int, ...], stride: tuple[int, ...]) -> int:
 
 def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
-
-
-def _unlink(name: str) -> None:
-    try:
-        posix_ipc.unlink_shared_memory(name)
-    except posix_ipc.ExistentialError:
-        pass
 
 
 def _defined_in_main(obj: Any) -> bool:

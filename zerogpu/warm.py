@@ -27,7 +27,11 @@ class WarmPool:
         timer.daemon = True
         with self._lock:
             self._idle[lease.id] = (worker, lease, timer)
-        scheduler().release(lease, used=used, charge=charge, park=lambda: self._evict(lease.id))
+        try:
+            scheduler().release(lease, used=used, charge=charge, park=lambda: self._evict(lease.id))
+        except BaseException:
+            self._evict(lease.id)  # not parked after all: the worker goes
+            raise
         timer.start()
 
     def take(self, lease) -> Worker | None:

@@ -21,8 +21,11 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, NoReturn
 
-from . import transport
+from . import segments, transport
 from ._ext import _engine
+
+# How long a SIGKILLed worker may take to go before a background thread reaps it.
+KILL_WAIT = 30.0
 
 SIGNAL_HINTS = {
     signal.SIGKILL: "perhaps out of memory",
@@ -51,19 +54,24 @@ def describe_exit(status: int) -> str:
 
 @dataclass
 class Exited:
-    """What `Worker.receive` returns once the worker has died: its wait status."""
+    """What `Worker.receive` returns once the worker has died: its wait status.
 
-    status: int
+    None when it did not go within KILL_WAIT seconds of SIGKILL.
+    """
+
+    status: int | None
 
     @property
     def exitcode(self) -> int | None:
-        return os.WEXITSTATUS(self.status) if os.WIFEXITED(self.status) else None
+        return os.WEXITSTATUS(self.status) if self.status is not None and os.WIFEXITED(self.status) else None
 
     @property
     def signal(self) -> int | None:
-        return os.WTERMSIG(self.status) if os.WIFSIGNALED(self.status) else None
+        return os.WTERMSIG(self.status) if self.status is not None and os.WIFSIGNALED(self.status) else None
 
     def describe(self) -> str:
+        if self.status is None:
+            return f"did not end within {KILL_WAIT:g} s of SIGKILL (stuck in the kernel?)"
         return describe_exit(self.status)
 
 
@@ -194,44 +202,59 @@ class Worker:
         """Whether the worker has died (reaping it if so), without waiting."""
         with self._reaping:
             if self.status is None:
-                pid, status = os.waitpid(self.pid, os.WNOHANG)
-                if pid == 0:
+                # Look without reaping: its group is killed while its pid is still taken.
+                if os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
                     return False
-                self._reaped(status)
+                self._reap()
         return True
 
     def join(self, timeout: float) -> Exited | None:
         """Wait up to `timeout` seconds for the worker to exit by itself; reap it if it did."""
-        if self.status is None:
-            with selectors.DefaultSelector() as selector:
-                selector.register(self.pidfd, selectors.EVENT_READ)
-                if not selector.select(timeout):
-                    return None
+        if self.status is None and not self._wait_exit(timeout):
+            return None
         return self.kill()
 
     def interrupt(self) -> None:
         """SIGKILL the worker's process group from any thread; its owner then reaps it."""
-        if self.status is None:
-            kill_group(self.pid)
+        if self._reaping.acquire(blocking=False):  # held: it is being reaped already
+            try:
+                if self.status is None:
+                    kill_group(self.pid)
+            finally:
+                self._reaping.release()
 
     def kill(self) -> Exited:
         """Kill what is left of the worker's process group, reap it and free what it held.
 
-        Used when the worker is done or must go: the group is killed before the
-        leader is reaped, while its pid cannot yet be taken by another process.
+        The group is killed before the leader is reaped, while the leader's pid
+        cannot yet be taken by another process. A worker that SIGKILL cannot end
+        within KILL_WAIT seconds (stuck in the kernel, in a GPU driver call) is
+        left to a background reaper rather than blocking the caller forever.
         """
         with self._reaping:
             if self.status is None:
                 kill_group(self.pid)
-                _, status = os.waitpid(self.pid, 0)
-                self._reaped(status)
+                if not self._wait_exit(KILL_WAIT):
+                    threading.Thread(target=self._reap_later, name="zerogpu-reaper", daemon=True).start()
+                    return Exited(None)
+                self._reap()
         return Exited(self.status)
 
-    def _reaped(self, status: int) -> None:
-        self.status = status
+    def _wait_exit(self, timeout: float) -> bool:
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.pidfd, selectors.EVENT_READ)
+            return bool(selector.select(timeout))
+
+    def _reap_later(self) -> None:
+        with self._reaping:
+            if self.status is None:
+                self._reap()
+
+    def _reap(self) -> None:
         kill_group(self.pid)  # a grandchild still in the group goes too
+        _, self.status = os.waitpid(self.pid, 0)
         spawner().run(self._close_descriptors)
-        transport.remove_segments_of(self.pid)
+        segments.remove_segments_of(self.pid)
 
     def _close_descriptors(self) -> None:
         # On the spawner thread, so no fork sees a descriptor half closed.
@@ -283,23 +306,38 @@ def torch_mutexes() -> list[int]:
     generator = torch.default_generator
     if type(generator).__basicsize__ >= object.__basicsize__ + ctypes.sizeof(ctypes.c_void_p):
         impl = ctypes.c_void_p.from_address(id(generator) + object.__basicsize__).value
-        for header in (16, 24):
-            mutex = (ctypes.c_uint8 * size).from_address(impl + header)
-            device = ctypes.c_uint16.from_address(impl + header + size).value
-            if not any(mutex) and device == 0xFF00:  # DeviceType::CPU (0), index -1
-                found = [impl + header]
-                break
+        # Read nothing that is not mapped: a wrong guess must not crash the process.
+        if impl and readable(impl, 24 + size + 2):
+            for header in (16, 24):
+                mutex = (ctypes.c_uint8 * size).from_address(impl + header)
+                device = ctypes.c_uint16.from_address(impl + header + size).value
+                if not any(mutex) and device == 0xFF00:  # DeviceType::CPU (0), index -1
+                    found = [impl + header]
+                    break
     _torch_mutexes = found
     return found
 
 
-def spawn(key: str, child_main: Callable[[socket.socket, int], NoReturn]) -> Worker:
-    """Fork a worker in its own process group that runs `child_main(sock, lifeline_fd)`."""
+def readable(address: int, length: int) -> bool:
+    """Whether [address, address + length) lies in one readable mapping of this process."""
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            span, perms = line.split()[:2]
+            start, end = (int(bound, 16) for bound in span.split("-"))
+            if start <= address and address + length <= end:
+                return perms.startswith("r")
+    return False
+
+
+def spawn(key: str, child_main: Callable[[socket.socket, int, int], NoReturn]) -> Worker:
+    """Fork a worker in its own process group that runs `child_main(sock, lifeline_fd, parent_pid)`."""
     read_end, write_end = lifeline()
     return spawner().run(lambda: _fork(key, child_main, read_end, write_end))
 
 
-def _fork(key: str, child_main: Callable[[socket.socket, int], NoReturn], read_end: int, write_end: int) -> Worker:
+def _fork(key: str, child_main: Callable[[socket.socket, int, int], NoReturn], read_end: int,
+          write_end: int) -> Worker:
+    parent = os.getpid()
     parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         pid = fork()
@@ -319,7 +357,7 @@ def _fork(key: str, child_main: Callable[[socket.socket, int], NoReturn], read_e
             for fd in _pidfds:
                 os.close(fd)
             _pidfds.clear()
-            child_main(child_sock, read_end)
+            child_main(child_sock, read_end, parent)
         finally:
             os._exit(70)
     child_sock.close()
@@ -327,7 +365,13 @@ def _fork(key: str, child_main: Callable[[socket.socket, int], NoReturn], read_e
         os.setpgid(pid, pid)  # also here, so a kill right after the fork reaches the group
     except (PermissionError, ProcessLookupError):
         pass
-    pidfd = os.pidfd_open(pid)
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        kill_group(pid)
+        os.waitpid(pid, 0)
+        parent_sock.close()
+        raise
     _parent_sockets.add(parent_sock)
     _pidfds.add(pidfd)
     return Worker(pid=pid, channel=transport.Channel(parent_sock), pidfd=pidfd, key=key)
