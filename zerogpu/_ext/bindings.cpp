@@ -58,6 +58,10 @@ void translate(const std::exception_ptr& exception, void*) {
     raise_zerogpu_error("CudaError", e.what(), e.call(), e.code(), e.name());
   } catch (const InvalidArgument& e) {
     raise_zerogpu_error("InvalidArgument", e.what());
+  } catch (const std::exception& e) {
+    // Anything else (a thread that could not start, memory the host lacks) is
+    // still a failure of the engine, inside the library's one error family.
+    raise_zerogpu_error("CudaError", std::string("copy engine failure: ") + e.what(), "", 0, "");
   }
 }
 

@@ -66,8 +66,8 @@ std::shared_ptr<Driver> Driver::load(Backend backend, const std::string& library
     dlclose(handle);
     throw DriverUnavailable(
         "dlsym", path + " does not export " + missing +
-                     ": the NVIDIA driver is older than the CUDA 12 driver API zerogpu needs; "
-                     "update the driver");
+                     ": it is not a CUDA driver, or one older than CUDA 11.0 (the oldest that "
+                     "has every function zerogpu uses); install a current NVIDIA driver");
   }
   // The handle is never closed: libcuda starts threads and registers exit
   // handlers, and unloading it while the process runs is not safe.

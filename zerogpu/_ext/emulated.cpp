@@ -70,7 +70,7 @@ struct State {
   std::unordered_set<uintptr_t> host_allocations;
   std::map<uintptr_t, size_t> registrations;  // ordered, to find overlapping ranges
   std::unordered_map<Stream*, std::shared_ptr<Stream>> streams;
-  std::unordered_map<Event*, std::unique_ptr<Event>> events;
+  std::unordered_map<Event*, std::shared_ptr<Event>> events;
   int64_t stream_threads = 0;
   Faults faults;
   uint64_t faults_generation = 0;
@@ -106,7 +106,7 @@ void after_fork_in_child() {
   State& s = state();
   s.mutex.unlock();
   new std::unordered_map<Stream*, std::shared_ptr<Stream>>(std::move(s.streams));
-  new std::unordered_map<Event*, std::unique_ptr<Event>>(std::move(s.events));
+  new std::unordered_map<Event*, std::shared_ptr<Event>>(std::move(s.events));
   s.streams.clear();
   s.events.clear();
   s.allocations.clear();
@@ -150,11 +150,12 @@ std::shared_ptr<Stream> find_stream(CUstream handle) {
   return it == s.streams.end() ? nullptr : it->second;
 }
 
-Event* find_event(CUevent handle) {
+// Shared, so an event destroyed while another thread uses it lives until that use ends.
+std::shared_ptr<Event> find_event(CUevent handle) {
   State& s = state();
   std::lock_guard lock(s.mutex);
   auto it = s.events.find(reinterpret_cast<Event*>(handle));
-  return it == s.events.end() ? nullptr : it->second.get();
+  return it == s.events.end() ? nullptr : it->second;
 }
 
 // One host-to-device copy, with the byte faults applied. `stopping` (null
@@ -631,7 +632,7 @@ CUresult zgemu_cuEventCreate(CUevent* phEvent, unsigned int Flags) {
   if (phEvent == nullptr) return CUDA_ERROR_INVALID_VALUE;
   int device = 0;
   if (CUresult r = emulated::need_context(&device)) return r;
-  auto event = std::make_unique<emulated::Event>();
+  auto event = std::make_shared<emulated::Event>();
   *phEvent = reinterpret_cast<CUevent>(event.get());
   auto& s = state();
   std::lock_guard lock(s.mutex);
@@ -640,7 +641,7 @@ CUresult zgemu_cuEventCreate(CUevent* phEvent, unsigned int Flags) {
 }
 
 CUresult zgemu_cuEventRecord(CUevent hEvent, CUstream hStream) {
-  emulated::Event* event = emulated::find_event(hEvent);
+  std::shared_ptr<emulated::Event> event = emulated::find_event(hEvent);
   if (event == nullptr) return CUDA_ERROR_INVALID_HANDLE;
   std::shared_ptr<emulated::Stream> stream;
   uint64_t ticket = 0;
@@ -660,7 +661,7 @@ namespace {
 // Waits for (or, with `wait` false, only checks) an event; an error on its
 // stream at or before the event is reported, and left for cuStreamSynchronize.
 CUresult finish_event(CUevent hEvent, bool wait) {
-  emulated::Event* event = emulated::find_event(hEvent);
+  std::shared_ptr<emulated::Event> event = emulated::find_event(hEvent);
   if (event == nullptr) return CUDA_ERROR_INVALID_HANDLE;
   std::shared_ptr<emulated::Stream> stream;
   uint64_t ticket = 0;

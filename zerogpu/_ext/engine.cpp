@@ -329,6 +329,10 @@ RestoreReport Engine::restore(const void* src, CUdeviceptr dst, size_t nbytes,
       failure.check(device_->api().cuStreamSynchronize(streams_[static_cast<size_t>(i)]),
                     "cuStreamSynchronize");
     }
+  } else {
+    // A copy from pageable memory returns once the bytes are staged, not when
+    // they have arrived: wait for the legacy stream it ran on.
+    failure.check(device_->api().cuStreamSynchronize(nullptr), "cuStreamSynchronize");
   }
   failure.rethrow();
   report.seconds = seconds_since(start);
@@ -430,6 +434,8 @@ double Engine::copy_plain(const void* src, CUdeviceptr dst, size_t nbytes) {
   device_->make_current();
   const auto start = Clock::now();
   device_->check(device_->api().cuMemcpyHtoD_v2(dst, src, nbytes), "cuMemcpyHtoD_v2");
+  // From pageable memory the call returns once the bytes are staged: wait for the DMA.
+  device_->check(device_->api().cuStreamSynchronize(nullptr), "cuStreamSynchronize");
   return seconds_since(start);
 }
 
