@@ -279,7 +279,7 @@ def test_reservations_list_where_calls_run(ledger):
 
 def test_a_fixed_lease_id_cannot_be_admitted_twice(ledger):
     ledger.admit(FREE, 10, "large", this_process(), lease_id=5)
-    with pytest.raises(InvalidArgument, match="already admitted"):
+    with pytest.raises(SchedulerError, match="already admitted"):
         ledger.admit(FREE, 10, "large", this_process(), lease_id=5)
 
 

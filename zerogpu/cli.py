@@ -218,13 +218,13 @@ def serve(
     = HEARTBEAT_TIMEOUT,
 ) -> None:
     """Run the node daemon: one scheduler for every zerogpu app of this machine, until Ctrl-C."""
-    from . import daemon
+    from . import daemon, settings
     from .policy import Policy
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s zerogpu-daemon %(levelname)s %(message)s")
     try:
-        policy = Policy(daily_quota=daemon.parse_tiers(quota or [], "--quota"),
-                        max_duration=daemon.parse_tiers(max_duration or [], "--max-duration"),
+        policy = Policy(daily_quota=settings.tier_seconds(quota or [], "--quota"),
+                        max_duration=settings.tier_seconds(max_duration or [], "--max-duration"),
                         large_per_gpu=large_per_gpu, aging=aging)
         daemon.serve(socket, policy=policy, ledger_path=ledger, heartbeat_timeout=heartbeat_timeout,
                      ready=lambda running: typer.echo(f"ready {running.socket_path}"))

@@ -23,7 +23,6 @@ import os
 import signal
 import socket
 import stat
-import struct
 import sys
 import threading
 import time
@@ -36,7 +35,7 @@ from .errors import Cancelled, InvalidArgument, SchedulerError, ZeroGPUError
 from .identity import Identity
 from .policy import Policy
 from .protocol import (
-    MAX_FRAME, VERSION, FrameReader, decode, encode, error_to_wire, parse_request, request_id,
+    MAX_FRAME, VERSION, FrameReader, decode, encode, error_to_wire, parse_request, peer, request_id,
 )
 from .quota import Owner, QuotaLedger
 from .scheduler import EmbeddedScheduler, Lease, LeaseRequest, Waiter
@@ -48,7 +47,6 @@ EVICT_TIMEOUT = 5.0       # seconds a client has to kill an idle worker when ask
 TICK = 0.1                # how often queue timeouts are checked
 MAX_WAITING = 4096        # calls one client may have in the queue at once
 SWEEP_EVERY = 2.0         # how often dead processes' leases are looked for
-UCRED = struct.Struct("3i")
 
 
 def orphan(process: Owner) -> tuple[str, Owner]:
@@ -350,7 +348,7 @@ class Daemon:
             self._admit(sock)
 
     def _admit(self, sock: socket.socket) -> None:
-        pid, uid, _ = UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, UCRED.size))
+        pid, uid = peer(sock)
         if uid != os.getuid():
             log.warning("refused a connection from uid %d (pid %d): only uid %d may use this daemon",
                         uid, pid, os.getuid())
@@ -461,20 +459,6 @@ def serve(
             signal.signal(signum, handler)
 
 
-def parse_tiers(values: list[str], option: str) -> dict[str, float]:
-    """'pro=3600' options into {'pro': 3600.0}."""
-    table = {}
-    for value in values:
-        tier, sep, seconds = value.partition("=")
-        try:
-            table[tier.strip()] = float(seconds)
-        except ValueError:
-            sep = ""
-        if not sep:
-            raise InvalidArgument(f"{option} {value!r}: write TIER=SECONDS, e.g. {option} pro=3600")
-    return table
-
-
 def main(argv: list[str] | None = None) -> int:
     """`python -m zerogpu.daemon --socket PATH`: the daemon without the CLI."""
     parser = argparse.ArgumentParser(prog="python -m zerogpu.daemon", description=__doc__.split("\n")[0])
@@ -492,8 +476,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s zerogpu-daemon %(levelname)s %(message)s")
     try:
-        policy = Policy(daily_quota=parse_tiers(args.quota, "--quota"),
-                        max_duration=parse_tiers(args.max_duration, "--max-duration"),
+        policy = Policy(daily_quota=settings.tier_seconds(args.quota, "--quota"),
+                        max_duration=settings.tier_seconds(args.max_duration, "--max-duration"),
                         large_per_gpu=args.large_per_gpu, aging=args.aging)
         serve(args.socket, policy=policy, ledger_path=args.ledger, heartbeat_timeout=args.heartbeat_timeout,
               ready=lambda daemon: print(f"ready {daemon.socket_path}", flush=True))

@@ -23,7 +23,6 @@ import math
 import os
 import select
 import socket
-import struct
 import threading
 import time
 import weakref
@@ -34,7 +33,7 @@ from . import settings
 from .devices import Device
 from .errors import InvalidArgument, SchedulerError
 from .policy import is_number
-from .protocol import MAX_REPLY, VERSION, FrameReader, decode, encode, error_from_wire
+from .protocol import MAX_REPLY, VERSION, FrameReader, decode, encode, error_from_wire, peer
 from .scheduler import CANCEL_POLL, Lease, LeaseRequest, Scheduler, check_timeout
 
 log = logging.getLogger("zerogpu.scheduler")
@@ -43,17 +42,17 @@ HEARTBEAT = 1.0          # seconds of quiet after which the client says it is al
 CONNECT_TIMEOUT = 5.0
 REPLY_TIMEOUT = 30.0     # for requests that do not wait in the queue
 ANSWER_GRACE = 10.0      # how much longer than its queue timeout an acquire waits for its answer
-UCRED = struct.Struct("3i")
 
 
 class Pending:
     """A request waiting for its reply: a thread waits on `event`, or `on_reply` gets it."""
 
-    __slots__ = ("rid", "message", "event", "reply", "on_reply")
+    __slots__ = ("rid", "message", "event", "reply", "on_reply", "lock")
 
     def __init__(self, rid: int, message: dict, on_reply: Callable[[Pending], None] | None) -> None:
         self.rid = rid
         self.message = message
+        self.lock = threading.Lock()  # the answer goes to on_reply or to event, never to neither
         self.event = threading.Event()
         self.reply: dict | None = None   # None after event: the connection was lost
         self.on_reply = on_reply
@@ -150,11 +149,13 @@ class Link:
 
 
 def finish(waiting: Pending) -> None:
-    if waiting.on_reply is None:
-        waiting.event.set()
-        return
+    with waiting.lock:
+        on_reply = waiting.on_reply
+        if on_reply is None:
+            waiting.event.set()
+            return
     try:
-        waiting.on_reply(waiting)
+        on_reply(waiting)
     except Exception:
         log.exception("handling a reply of the node daemon failed")
 
@@ -209,6 +210,7 @@ class DaemonClient(Scheduler):
                 cancelled = True
                 link.send({"op": "cancel", "target": waiting.rid}, on_reply=ignore)
             if time.monotonic() > deadline:
+                self._abandon(link, waiting)
                 raise SchedulerError(f"the node daemon did not answer within {timeout + ANSWER_GRACE:g} s")
         wire = self._answer(waiting)["lease"]
         lease = Lease(wire["id"], link.devices[wire["device"]], wire["slot"], wire["memory_fraction"],
@@ -326,7 +328,7 @@ class DaemonClient(Scheduler):
         try:
             sock.settimeout(self.connect_timeout)
             sock.connect(self.socket_path)
-            _, uid, _ = UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, UCRED.size))
+            _, uid = peer(sock)
             if uid != os.getuid():
                 raise SchedulerError(
                     f"{self.socket_path} is served by uid {uid}, not by this user (uid {os.getuid()}): "
@@ -366,6 +368,24 @@ class DaemonClient(Scheduler):
                 del self._links_of[lease_id]
         for park in parks:
             threading.Thread(target=run_park, args=(park, None), name="zerogpu-evict", daemon=True).start()
+
+    def _abandon(self, link: Link, waiting: Pending) -> None:
+        """Stop waiting for an acquire: cancel it, and give back unused a lease that comes anyway."""
+
+        def give_back(answered: Pending) -> None:
+            reply = answered.reply or {}
+            if reply.get("ok") and isinstance(reply.get("lease"), dict):
+                link.send({"op": "release", "lease": reply["lease"].get("id"), "used": 0.0, "charge": False,
+                           "park": False}, on_reply=ignore)
+
+        with waiting.lock:
+            answered = waiting.event.is_set()
+            if not answered:
+                waiting.on_reply = give_back  # the reader calls it when the answer comes
+        if answered:
+            give_back(waiting)
+        else:
+            link.send({"op": "cancel", "target": waiting.rid}, on_reply=ignore)
 
     def _call(self, message: dict) -> dict:
         """Send a request that does not queue and return its reply (errors raised)."""

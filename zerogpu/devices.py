@@ -18,7 +18,6 @@ import psutil
 from . import settings
 from .errors import InvalidArgument
 
-BACKENDS = ("cuda", "emulated")
 PROC_GPUS = Path("/proc/driver/nvidia/gpus")
 
 
@@ -54,7 +53,7 @@ def discover(backend: str | None = None) -> list[Device]:
     when a GPU is visible and 'emulated' otherwise. Never creates a CUDA context.
     """
     chosen = backend or settings.backend() or ("cuda" if gpu_visible() else "emulated")
-    if chosen not in BACKENDS:
+    if chosen not in settings.BACKENDS:
         raise InvalidArgument(f"backend {chosen!r} is unknown: use 'cuda' or 'emulated'")
     if chosen == "emulated":
         return emulated_devices(settings.emulated_gpus())

@@ -25,6 +25,7 @@ import numpy
 import torch
 
 from . import settings
+from .settings import BACKENDS
 from ._ext import _engine
 from .errors import CudaError, CudaUnavailable, InvalidArgument
 
@@ -42,7 +43,6 @@ __all__ = [
 ]
 
 STRATEGIES = ("pageable", "register", "staging")
-BACKENDS = ("cuda", "emulated")
 DRIVER_LIBRARY = "libcuda.so.1"
 MAX_STREAMS = 64
 MAX_THREADS = 256

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import socket
 import struct
 from collections.abc import Iterator
 
@@ -46,6 +47,15 @@ REQUESTS: dict[str, dict[str, tuple[str, bool]]] = {
 }
 MAX_STRING = 1024
 MAX_LIST = 4096
+
+
+UCRED = struct.Struct("3i")
+
+
+def peer(sock: socket.socket) -> tuple[int, int]:
+    """(pid, uid) of the process at the other end of a unix socket, as the kernel says (SO_PEERCRED)."""
+    pid, uid, _ = UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, UCRED.size))
+    return pid, uid
 
 
 def encode(message: dict) -> bytes:

@@ -74,6 +74,11 @@ CREATE TABLE IF NOT EXISTS leases (
 """
 
 
+def new_id() -> int:
+    """A fresh random lease id."""
+    return secrets.randbits(ID_BITS) or 1
+
+
 @dataclass(frozen=True)
 class Owner:
     """The process a call runs for; its start time tells a reused pid apart."""
@@ -256,7 +261,7 @@ class QuotaLedger:
     def _insert(self, db, lease_id, identity, day, size, duration, cost, owner, device, slot, now) -> int:
         fixed = lease_id is not None
         while True:
-            chosen = lease_id if fixed else secrets.randbits(ID_BITS) or 1
+            chosen = lease_id if fixed else new_id()
             try:
                 db.execute(
                     "INSERT INTO leases VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
@@ -266,7 +271,7 @@ class QuotaLedger:
                 return chosen
             except sqlite3.IntegrityError:
                 if fixed:
-                    raise InvalidArgument(f"lease {lease_id} is already admitted") from None
+                    raise SchedulerError(f"lease {lease_id} is already admitted") from None
 
     @staticmethod
     def _balance(db: sqlite3.Connection, identity: Identity, day: str) -> tuple[float, float]:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import secrets
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -37,7 +36,7 @@ from .devices import Device, discover
 from .errors import Cancelled, InvalidArgument, NoGPUAvailable, SchedulerError
 from .identity import Identity
 from .policy import SIZES, Policy, is_number
-from .quota import ID_BITS, Owner, QuotaLedger, Reservation, next_reset, this_process
+from .quota import Owner, QuotaLedger, Reservation, new_id, next_reset, this_process
 
 __all__ = [
     "SIZES", "LeaseRequest", "Lease", "Scheduler", "EmbeddedScheduler", "Waiter",
@@ -162,10 +161,6 @@ class Waiter:
         return (*policy.priority(request.identity.tier, self.left, request.duration, self.arrival, now), self.seq)
 
 
-def new_lease_id() -> int:
-    return secrets.randbits(ID_BITS) or 1
-
-
 class EmbeddedScheduler(Scheduler):
     """The scheduler inside one process; the node daemon runs one for the machine.
 
@@ -253,7 +248,7 @@ class EmbeddedScheduler(Scheduler):
         with self._lock:
             self._check_open()
             held = None if self._waiters else self._take_now(request, owner, process, now)
-        lease_id = held.lease.id if held is not None else new_lease_id()
+        lease_id = held.lease.id if held is not None else new_id()
         cell = held.cells[0] if held is not None else (None, None)
         try:
             lease_id, left = self.ledger.admit(
@@ -487,7 +482,7 @@ class EmbeddedScheduler(Scheduler):
         spot = self._spot(request.size, self._is_free, {}, request.duration, now)
         if spot is None:
             return None
-        held = self._new_held(new_lease_id(), request, owner, process, spot, now)
+        held = self._new_held(new_id(), request, owner, process, spot, now)
         self._occupy(held)
         return held
 

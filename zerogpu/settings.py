@@ -88,17 +88,22 @@ def daily_quotas() -> dict[str, float]:
 
     Tiers not named keep ZeroGPU's defaults (anonymous 120, free 210, pro 1500).
     """
-    value = os.environ.get("ZEROGPU_QUOTA", "").strip()
-    quotas: dict[str, float] = {}
-    for item in filter(None, (part.strip() for part in value.split(","))):
+    value = os.environ.get("ZEROGPU_QUOTA", "")
+    return tier_seconds([part for part in value.split(",") if part.strip()], "ZEROGPU_QUOTA")
+
+
+def tier_seconds(items: list[str], where: str) -> dict[str, float]:
+    """['pro=3600', 'free=900'] as {'pro': 3600.0, 'free': 900.0}; `where` names the source in errors."""
+    table: dict[str, float] = {}
+    for item in items:
         tier, sep, seconds = item.partition("=")
         try:
-            quotas[tier.strip()] = float(seconds)
+            table[tier.strip()] = float(seconds)
         except ValueError:
             sep = ""
         if not sep:
-            raise InvalidArgument(f"ZEROGPU_QUOTA={value!r}: write TIER=SECONDS[,TIER=SECONDS], e.g. pro=3600")
-    return quotas
+            raise InvalidArgument(f"{where} {item!r}: write TIER=SECONDS, e.g. pro=3600")
+    return table
 
 
 def scheduler_socket() -> str | None:

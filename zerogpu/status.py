@@ -18,6 +18,7 @@ from . import settings
 from .devices import discover
 from .policy import Policy
 from .quota import QuotaLedger, next_reset, spell_seconds
+from .units import describe_size
 
 
 def status(socket_path: str | os.PathLike | None = None) -> dict:
@@ -86,7 +87,7 @@ def render_status(state: dict) -> RenderableType:
         gpus.add_column(column)
     for device in state["devices"]:
         slices = " ".join("free" if cell is None else short_id(cell) for cell in device["slots"])
-        gpus.add_row(str(device["index"]), device["name"], gib(device["total_memory"]), device["backend"], slices)
+        gpus.add_row(str(device["index"]), device["name"], (describe_size(device["total_memory"]) if device["total_memory"] else "?"), device["backend"], slices)
     parts.append(gpus)
 
     leases = Table(title="Leases", title_justify="left")
@@ -131,10 +132,6 @@ def headline(state: dict) -> Text:
     else:
         where = "no node daemon: embedded schedulers, as the quota ledger sees them"
     return Text(f"zerogpu: {where}\n{policy['large_per_gpu']} large calls per GPU; daily quotas: {tiers}")
-
-
-def gib(size: int) -> str:
-    return f"{size / 2**30:.0f} GiB" if size else "?"
 
 
 def short_id(lease_id: int) -> str:
