@@ -50,8 +50,11 @@ class Engine {
   Engine& operator=(const Engine&) = delete;
 
   // Copies `nbytes` from host `src` to device `dst`. Throws CudaFailure with
-  // the first error; by then every copy has ended and every registration is
-  // undone, and the destination's content is undefined.
+  // the first error; by then every copy has ended, every registration the
+  // driver still accepts is undone, and the destination's content is
+  // undefined. After a sticky error (an illegal address, say) the context is
+  // lost and so is what it held: the worker that owns it exits, and the
+  // driver frees it all then.
   RestoreReport restore(const void* src, CUdeviceptr dst, size_t nbytes,
                         const RestoreOptions& options);
   // One cuMemcpyHtoD_v2 of the whole region, timed: from pinned memory this
