@@ -93,11 +93,21 @@ class Spawner:
         self._thread = threading.Thread(target=self._serve, name="zerogpu-spawner", daemon=True)
         self._thread.start()
 
-    def run(self, job: Callable[[], Any]) -> Any:
-        """Run `job` on the spawner thread and give back its result or raise its error."""
+    def run(self, job: Callable[[], Any], abandon: Callable[[Any], None] | None = None) -> Any:
+        """Run `job` on the spawner thread and give back its result or raise its error.
+
+        If the wait is interrupted (Ctrl-C), the job still finishes, and
+        `abandon` gets its result, which nobody else will.
+        """
         done: queue.SimpleQueue = queue.SimpleQueue()
         self._requests.put((job, done))
-        ok, outcome = done.get()
+        try:
+            ok, outcome = done.get()
+        except BaseException:
+            ok, outcome = done.get()
+            if ok and abandon is not None:
+                abandon(outcome)
+            raise
         if not ok:
             raise outcome
         return outcome
@@ -332,7 +342,7 @@ def readable(address: int, length: int) -> bool:
 def spawn(key: str, child_main: Callable[[socket.socket, int, int], NoReturn]) -> Worker:
     """Fork a worker in its own process group that runs `child_main(sock, lifeline_fd, parent_pid)`."""
     read_end, write_end = lifeline()
-    return spawner().run(lambda: _fork(key, child_main, read_end, write_end))
+    return spawner().run(lambda: _fork(key, child_main, read_end, write_end), abandon=Worker.kill)
 
 
 def _fork(key: str, child_main: Callable[[socket.socket, int, int], NoReturn], read_end: int,
