@@ -27,6 +27,7 @@ from rich.table import Table
 from zerogpu.units import describe_size, parse_size
 
 
+
 def build_model(nbytes: int):
     """Square float32 linear layers of 16 MiB each (fewer for small sizes), about nbytes in all."""
     import torch

@@ -31,8 +31,6 @@ import json
 import math
 import mmap
 import os
-import platform
-import re
 import secrets
 import statistics
 import sys
@@ -40,7 +38,6 @@ import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
-from datetime import date
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +49,8 @@ from rich.console import Console
 from rich.table import Table
 
 from zerogpu.snapshot import Snapshot
+
+from report import machine, size_argument
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -76,15 +75,6 @@ class Measure:
     def row(self) -> dict:
         return {"name": self.name, "nbytes": self.nbytes, "seconds": self.seconds,
                 "median_seconds": self.median, "gbps": self.gbps}
-
-
-def parse_size(text: str) -> int:
-    """'1GB', '512MiB', '100m' or a number of bytes (units are binary)."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([KMG]?)(?:I?B)?\s*", text.upper())
-    if match is None:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size: write e.g. 1GB or 512MB")
-    number, unit = match.groups()
-    return int(float(number) * {"": 1, "K": 1 << 10, "M": MiB, "G": GiB}[unit])
 
 
 def locked_bytes() -> int:
@@ -197,25 +187,9 @@ def timed(call) -> tuple[float, object]:
     return time.perf_counter() - start, result
 
 
-def machine() -> dict:
-    memlock = open("/proc/self/limits").read().split("Max locked memory")[1].split()[:2]
-    return {
-        "date": date.today().isoformat(),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "safetensors": safetensors.__version__,
-        "memlock_limit": memlock,
-        "euid": os.geteuid(),
-    }
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", type=parse_size, default="1GB", help="total bytes of the model (default 1GB)")
+    parser.add_argument("--size", type=size_argument, default="1GB", help="total bytes of the model (default 1GB)")
     parser.add_argument("--repeat", type=int, default=5, help="timed repeats of each measurement (default 5)")
     parser.add_argument("--json", type=Path, default=Path("bench_pack.json"), help="where to write the figures")
     args = parser.parse_args(argv)
@@ -296,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "benchmark": "pack",
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-        "machine": machine(),
+        "machine": machine(safetensors=safetensors.__version__, euid=os.geteuid(),
+                           memlock_limit=open("/proc/self/limits").read().split("Max locked memory")[1].split()[:2]),
         "size": nbytes,
         "tensors": len(tensors),
         "storages": len(sources),

@@ -27,13 +27,10 @@ import argparse
 import ctypes
 import json
 import mmap
-import os
-import platform
 import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import date
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +40,8 @@ from rich.table import Table
 
 from zerogpu import engine as zengine
 from zerogpu.engine import STRATEGIES, Engine
+
+from report import describe_size, machine, size_argument
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -79,19 +78,6 @@ class Result:
         if self.register_seconds:
             data["register_seconds_per_gb"] = statistics.median(self.register_seconds) / (self.size / 1e9)
         return data
-
-
-def parse_size(text: str) -> int:
-    units = {"KB": 1 << 10, "MB": MiB, "GB": GiB}
-    text = text.strip().upper()
-    for suffix, factor in units.items():
-        if text.endswith(suffix):
-            return int(float(text[: -len(suffix)]) * factor)
-    return int(text)
-
-
-def describe_size(nbytes: int) -> str:
-    return f"{nbytes / GiB:g} GiB" if nbytes >= GiB else f"{nbytes / MiB:g} MiB"
 
 
 def shared_source(nbytes: int) -> tuple[mmap.mmap, np.ndarray]:
@@ -220,18 +206,6 @@ class Bench:
         return True
 
 
-def machine() -> dict:
-    return {
-        "date": date.today().isoformat(),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-    }
-
-
 def print_table(console: Console, engine: Engine, results: list[Result]) -> None:
     limit_name = results[0].name
     table = Table(title=f"Restore throughput on {engine.device_name} ({engine.backend})")
@@ -275,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     if backend == "auto":
         backend = "cuda" if zengine.driver_info()["found"] and torch.cuda.is_available() else "emulated"
     on_gpu = backend == "cuda"
-    sizes = [parse_size(s) for s in (args.sizes or ("1GB,4GB,16GB" if on_gpu else "1GB,4GB")).split(",")]
+    sizes = [size_argument(s) for s in (args.sizes or ("1GB,4GB,16GB" if on_gpu else "1GB,4GB")).split(",")]
     args.limit = args.limit or ("pinned" if on_gpu else "copyto")
     args.threads = [int(t) for t in (args.threads or ("1,2,4,8" if on_gpu else "1,2")).split(",")]
     if args.repeat < 1 or any(t < 1 for t in args.threads) or any(s <= 0 for s in sizes):

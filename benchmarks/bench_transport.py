@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import pickle
-import platform
 import socket
 import statistics
 import sys
@@ -41,22 +40,8 @@ from rich.table import Table
 from zerogpu import transport
 from zerogpu.transport import Channel
 
-UNITS = {"KB": 2**10, "MB": 2**20, "GB": 2**30}
+from report import describe_size, machine, size_argument
 
-
-def parse_size(text: str) -> int:
-    text = text.strip().upper()
-    for unit, factor in UNITS.items():
-        if text.endswith(unit):
-            return int(float(text[: -len(unit)]) * factor)
-    return int(text)
-
-
-def describe_size(size: int) -> str:
-    for unit, factor in reversed(UNITS.items()):
-        if size >= factor:
-            return f"{size / factor:g}{unit}"
-    return f"{size}B"
 
 
 def serve(channel: Channel, size: int, path: str) -> None:
@@ -175,23 +160,13 @@ def measure_objects(repeat: int) -> list[dict]:
     return rows
 
 
-def machine() -> dict:
-    return {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cpus": os.cpu_count(),
-        "load_average": os.getloadavg(),
-    }
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="1KB,1MB,16MB,256MB,1GB", help="comma-separated tensor sizes")
     parser.add_argument("--repeat", type=int, default=5, help="timed repeats per path and size (default 5)")
     parser.add_argument("--json", type=Path, default=Path("bench_transport.json"), help="where to write the figures")
     args = parser.parse_args(argv)
-    sizes = [parse_size(text) for text in args.sizes.split(",")]
+    sizes = [size_argument(text) for text in args.sizes.split(",")]
     if args.repeat < 1 or any(size < 4 or size % 4 for size in sizes):
         parser.error("repeat must be positive and sizes multiples of 4 bytes")
 

@@ -497,7 +497,7 @@ def send_bytes(fd: int, source_fd: int, source_offset: int, offset: int, nbytes:
         while done < length:
             sent = os.sendfile(fd, source_fd, source_offset + start + done, length - done)
             if sent == 0:
-                raise SnapshotError(f"the file ended early: it shrank while it was being read")
+                raise SnapshotError("the file ended early: it shrank while it was being read")
             done += sent
         if progress is not None:
             progress(length)
