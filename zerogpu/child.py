@@ -26,6 +26,7 @@ from . import attach, restore, transport
 from .errors import SerializationError
 
 PR_SET_PDEATHSIG = 1
+libc = ctypes.CDLL(None, use_errno=True)  # prctl(2) has no binding in Python
 EXIT_FAILED_STAGE = 3
 EXIT_PARENT_GONE = 4
 
@@ -77,7 +78,6 @@ class Plan:
 
 def harden(lifeline_fd: int, parent: int) -> None:
     """Make sure this worker can never outlive its parent, `parent` the pid it had before the fork."""
-    libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:  # the parent died before prctl took effect
         os._exit(EXIT_PARENT_GONE)

@@ -41,7 +41,8 @@ def enable() -> None:
     with _lock:
         if _enabled:
             return
-        from . import devices, emulation
+        # The engine is imported here, once, so that workers inherit it instead of importing it per call.
+        from . import devices, emulation, engine  # noqa: F401
 
         backend = choose_backend()
         first = devices.discover(backend)[0]
