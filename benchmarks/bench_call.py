@@ -83,7 +83,7 @@ def measure_overhead(repeat: int, model_bytes: int) -> dict:
         return time.perf_counter() - started, call.phases
 
     os.environ["ZEROGPU_IDLE_TIMEOUT"] = "0"
-    cold, phases = [], {name: [] for name in ("queue", "fork", "attach", "restore", "run", "return")}
+    cold, phases = [], {name: [] for name in ("queue", "fork", "attach", "restore", "run", "return", "release")}
     for _ in range(repeat):
         seconds, seen = timed_call()
         cold.append(seconds)

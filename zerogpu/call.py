@@ -300,14 +300,16 @@ class Call:
         transport.discard(self.payload)
         if self.lease is None:
             return
-        used = time.monotonic() - self.granted
+        ending = time.monotonic()
+        used = ending - self.granted
         idle = settings.idle_timeout()
         if self.clean and idle > 0 and self.worker is not None and self.worker.alive:
             pool.park(self.worker, self.lease, used=used, charge=self.charge, idle_timeout=idle)
-            return
-        if self.worker is not None:
-            self.finish_worker()
-        scheduler().release(self.lease, used=used, charge=self.charge)
+        else:
+            if self.worker is not None:
+                self.finish_worker()
+            scheduler().release(self.lease, used=used, charge=self.charge)
+        self.phases["release"] = time.monotonic() - ending
 
     def finish_worker(self) -> None:
         """Let a worker that ended its call cleanly exit by itself; kill anything else."""
