@@ -293,3 +293,41 @@ def test_an_unusable_ledger_path_is_a_clear_error(tmp_path):
     blocker.write_text("not a folder")
     with pytest.raises(SchedulerError, match="cannot open the quota ledger .*ZEROGPU_DATA_DIR"):
         QuotaLedger(blocker / "quota.sqlite3")
+
+
+def test_one_failing_write_in_a_group_leaves_the_others_in_place(ledger):
+    from zerogpu.quota import Work
+
+    def admit(lease_id):
+        return lambda db: ledger._insert(db, lease_id, FREE, "2026-11-23", "large", 10.0, 10.0, this_process(),
+                                         None, None, 0.0)
+
+    ledger.admit(FREE, 10, "large", this_process(), lease_id=7)
+    batch = [Work(admit(1)), Work(admit(7)), Work(admit(2))]  # 7 is taken: that one fails
+    ledger._write(batch)
+    assert [work.done for work in batch] == [True, True, True]
+    assert batch[0].outcome() == 1 and batch[2].outcome() == 2
+    with pytest.raises(SchedulerError, match="already admitted"):
+        batch[1].outcome()
+    assert sorted(row.id for row in ledger.reservations()) == [1, 2, 7]
+
+
+def test_threads_admitting_at_once_are_all_recorded(ledger):
+    import threading
+
+    admitted = []
+    start = threading.Barrier(8)
+
+    def admit():
+        start.wait()
+        for _ in range(50):
+            admitted.append(ledger.admit(PRO, 1, "large", this_process())[0])
+
+    threads = [threading.Thread(target=admit) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(set(admitted)) == 400
+    assert sorted(row.id for row in ledger.reservations()) == sorted(admitted)
+    assert ledger.balance(PRO).reserved == pytest.approx(400)

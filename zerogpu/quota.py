@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import psutil
 
@@ -42,6 +43,8 @@ from .identity import Identity
 from .policy import SIZE_WEIGHT, Policy
 
 DAY = 86400.0
+T = TypeVar("T")
+
 BUSY_TIMEOUT = 10.0  # seconds a writer waits for another process to commit
 FILE_NAME = "quota.sqlite3"
 # Lease ids are random so that they stay unique across processes sharing the
@@ -181,6 +184,8 @@ class QuotaLedger:
         self.holder = holder
         self.clock = clock
         self._lock = threading.Lock()
+        self._queued: list[Work] = []
+        self._queue_lock = threading.Lock()
         self._db = self._open()
 
     def _open(self) -> sqlite3.Connection:
@@ -224,6 +229,51 @@ class QuotaLedger:
             except sqlite3.Error as error:
                 raise SchedulerError(f"the quota ledger {self.path} failed: {error}") from error
 
+    def _grouped(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `work(db)` in a write transaction shared with other threads' (group commit).
+
+        Threads that queue work while a transaction is being written find it
+        done by the next one: one BEGIN ... COMMIT for all of them, each in a
+        savepoint of its own, so that one failing leaves the others' in place.
+        A busy app thus pays one commit for many calls, where one each made
+        the threads queue up behind SQLite's write lock.
+        """
+        mine = Work(work)
+        with self._queue_lock:
+            self._queued.append(mine)
+        with self._lock:
+            if not mine.done:
+                with self._queue_lock:
+                    batch, self._queued = self._queued, []
+                self._write(batch)
+        return mine.outcome()
+
+    def _write(self, batch: list[Work]) -> None:
+        try:
+            if self._db is None:
+                raise SchedulerError("the quota ledger is closed")
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                for work in batch:
+                    self._db.execute("SAVEPOINT work")
+                    try:
+                        work.value = work.run(self._db)
+                    except BaseException as error:  # noqa: BLE001 - its caller gets it
+                        self._db.execute("ROLLBACK TO work")
+                        work.error = error
+                    self._db.execute("RELEASE work")
+                self._db.execute("COMMIT")
+            except sqlite3.Error as error:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise SchedulerError(f"the quota ledger {self.path} failed: {error}") from error
+        except SchedulerError as error:
+            for work in batch:
+                work.value, work.error = None, error
+        finally:
+            for work in batch:
+                work.done = True
+
     # -- calls ----------------------------------------------------------------
 
     def admit(
@@ -248,11 +298,17 @@ class QuotaLedger:
         while True:
             now = self.clock()
             day = day_of(now)
-            with self._transaction() as db:
+
+            def reserve(db: sqlite3.Connection) -> tuple[int | None, float, float]:
                 used, reserved = self._balance(db, identity, day)
-                if used + reserved + cost <= limit:
-                    lease_id = self._insert(db, lease_id, identity, day, size, duration, cost, owner, device, slot, now)
-                    return lease_id, limit - used - reserved
+                if used + reserved + cost > limit:
+                    return None, used, reserved
+                return self._insert(db, lease_id, identity, day, size, duration, cost, owner, device, slot,
+                                    now), used, reserved
+
+            admitted, used, reserved = self._grouped(reserve)
+            if admitted is not None:
+                return admitted, limit - used - reserved
             # Reservations of processes that died count until swept: sweep once.
             if swept or not self.sweep():
                 raise self._refusal(identity, duration, size, cost, limit, used, reserved, now)
@@ -318,19 +374,21 @@ class QuotaLedger:
         """
         if used is not None and (not math.isfinite(used) or used < 0):
             raise InvalidArgument(f"used must be a non-negative number of seconds, not {used!r}")
-        with self._transaction() as db:
+        def charge(db: sqlite3.Connection) -> float:
             row = db.execute(
                 "DELETE FROM leases WHERE id=? RETURNING user, tier, day, size, duration", (lease_id,)
             ).fetchone()
             if row is None or used is None:
                 return 0.0
             user, tier, day, size, duration = row
-            charge = min(used, duration) * SIZE_WEIGHT[size]
+            seconds = min(used, duration) * SIZE_WEIGHT[size]
             db.execute(
                 "INSERT INTO usage VALUES (?,?,?,?) ON CONFLICT DO UPDATE SET used = used + excluded.used",
-                (user, tier, day, charge),
+                (user, tier, day, seconds),
             )
-            return charge
+            return seconds
+
+        return self._grouped(charge)
 
     # -- what is known ----------------------------------------------------------
 
@@ -389,6 +447,23 @@ class QuotaLedger:
             if self._db is not None:
                 self._db.close()
                 self._db = None
+
+
+class Work:
+    """A piece of a grouped write transaction, and what came of it."""
+
+    __slots__ = ("run", "done", "value", "error")
+
+    def __init__(self, run: Callable[[sqlite3.Connection], Any]) -> None:
+        self.run = run
+        self.done = False
+        self.value: Any = None
+        self.error: BaseException | None = None
+
+    def outcome(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.value
 
 
 def spell_seconds(seconds: float) -> str:
