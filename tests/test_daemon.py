@@ -16,6 +16,7 @@ import textwrap
 import threading
 import time
 
+import psutil
 import pytest
 from rich.console import Console
 
@@ -102,10 +103,17 @@ def client(daemon):
     made.close()
 
 
-def run_script(daemon: Daemon, script: str, *args: str) -> subprocess.Popen:
-    env = {**os.environ, "ZEROGPU_SCHEDULER": daemon.socket}
+def run_script(daemon: Daemon, script: str, *args: str, env: dict | None = None) -> subprocess.Popen:
+    env = {**os.environ, **(env or {}), "ZEROGPU_SCHEDULER": daemon.socket}
     return subprocess.Popen([sys.executable, "-c", textwrap.dedent(script), *args],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+
+
+def running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def wait_for(condition, timeout: float = 10.0, what: str = "the condition") -> float:
@@ -639,3 +647,29 @@ def test_wire_frames_round_trip():
     reader.feed(encode(message))
     assert [decode(f) for f in reader.frames()] == [message]
     assert json.loads(encode(message)[4:]) == message
+
+
+def test_decorated_calls_of_two_apps_share_the_daemons_gpus_and_evict_idle_workers(daemon):
+    app = """
+        import os, sys
+        import zerogpu
+        zerogpu.enable()
+        calls = [zerogpu.GPU(duration=20, size="xlarge")(lambda: os.getpid()) for _ in range(int(sys.argv[1]))]
+        print(" ".join(str(call()) for call in calls), flush=True)  # each leaves a warm worker
+        sys.stdin.readline()
+    """
+    env = {"ZEROGPU_BACKEND": "emulated", "ZEROGPU_IDLE_TIMEOUT": "60"}
+    first = run_script(daemon, app, "4", env=env)
+    second = None
+    try:
+        idle = [int(pid) for pid in first.stdout.readline().split()]
+        assert len(set(idle)) == 4  # four workers, idle, holding all four GPUs
+        second = run_script(daemon, app, "1", env=env)
+        (served,) = second.stdout.readline().split()  # an idle worker of the first app made room
+        assert int(served) not in idle
+        wait_for(lambda: sum(map(running, idle)) == 3, what="the eviction of one idle worker")
+    finally:
+        for app_process in filter(None, (first, second)):
+            app_process.stdin.close()
+            assert app_process.wait(20) == 0
+            app_process.stdout.close()
