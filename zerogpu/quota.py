@@ -249,30 +249,41 @@ class QuotaLedger:
         return mine.outcome()
 
     def _write(self, batch: list[Work]) -> None:
+        """One transaction for `batch`: each piece in a savepoint; all fail if the commit does."""
         try:
             if self._db is None:
                 raise SchedulerError("the quota ledger is closed")
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-                for work in batch:
-                    self._db.execute("SAVEPOINT work")
-                    try:
-                        work.value = work.run(self._db)
-                    except BaseException as error:  # noqa: BLE001 - its caller gets it
-                        self._db.execute("ROLLBACK TO work")
-                        work.error = error
-                    self._db.execute("RELEASE work")
-                self._db.execute("COMMIT")
-            except sqlite3.Error as error:
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
-                raise SchedulerError(f"the quota ledger {self.path} failed: {error}") from error
-        except SchedulerError as error:
+            self._db.execute("BEGIN IMMEDIATE")
             for work in batch:
-                work.value, work.error = None, error
+                self._db.execute("SAVEPOINT work")
+                try:
+                    work.value = work.run(self._db)
+                except Exception as error:  # noqa: BLE001 - its caller gets it
+                    self._db.execute("ROLLBACK TO work")
+                    work.error = self._failure(error) if isinstance(error, sqlite3.Error) else error
+                self._db.execute("RELEASE work")
+            self._db.execute("COMMIT")
+        except BaseException as error:
+            if self._db is not None and self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            if isinstance(error, sqlite3.Error):
+                failure: BaseException = self._failure(error)
+            elif isinstance(error, SchedulerError):
+                failure = error
+            else:
+                failure = SchedulerError(f"writing the quota ledger was interrupted ({type(error).__name__})")
+            for work in batch:
+                work.value, work.error = None, failure
+            if not isinstance(error, (sqlite3.Error, SchedulerError)):
+                raise  # Ctrl-C and the like: this thread's caller hears of it too
         finally:
             for work in batch:
                 work.done = True
+
+    def _failure(self, error: sqlite3.Error) -> SchedulerError:
+        failure = SchedulerError(f"the quota ledger {self.path} failed: {error}")
+        failure.__cause__ = error
+        return failure
 
     # -- calls ----------------------------------------------------------------
 
