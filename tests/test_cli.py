@@ -159,7 +159,7 @@ def fake_statvfs(free: int):
     (["--size", "64PB"], None, "is not a size"),
     (["--size", "1000TB"], None, "of free memory"),
     (["--size", "64MB"], ("psutil", lambda: SimpleNamespace(available=100 * 2**20, total=2**34)), "of free memory"),
-    (["--size", "64MB"], ("statvfs", fake_statvfs(32 * 2**20)), "/dev/shm has 0.03 GiB free"),
+    (["--size", "64MB"], ("statvfs", fake_statvfs(32 * 2**20)), "/dev/shm has 32 MiB free"),
     (["--size", "64MB"], ("disk", lambda path: SimpleNamespace(free=2**20)), "for the model's files"),
     (["--repeat", "0"], None, "--repeat 0 must be a whole number of at least 1"),
     (["--repeat", "-3"], None, "--repeat -3 must be"),
@@ -170,7 +170,7 @@ def fake_statvfs(free: int):
 def test_bad_arguments_exit_with_one_line_before_anything_is_taken(env, monkeypatch, args, patch, message):
     if patch is not None:
         what, fake = patch
-        target = {"psutil": (bench.psutil, "virtual_memory"), "statvfs": (bench.os, "statvfs"),
+        target = {"psutil": (bench.psutil, "virtual_memory"), "statvfs": (bench.segments.os, "statvfs"),
                   "disk": (bench.shutil, "disk_usage")}[what]
         monkeypatch.setattr(*target, fake)
     result = invoke(["bench", *args])

@@ -56,10 +56,11 @@ import torch
 from rich.table import Table
 from safetensors.torch import load_file, save_file
 
-from . import units
+from . import segments, units
+from .units import describe_size
 from .errors import InvalidArgument
 
-MiB, GiB = 2**20, 2**30
+MiB = 2**20
 MIN_SIZE = MiB
 DEFAULT_SIZE = "1GB"  # a model a laptop holds twice over
 DEFAULT_REPEAT = 3
@@ -161,32 +162,27 @@ def plan(size: str, repeat: str | int, json_path: str | os.PathLike | None = Non
     available = psutil.virtual_memory().available
     if host > available:
         raise InvalidArgument(
-            f"--size {size} needs about {gib(host)} of free memory ({HOST_COPIES} copies of the weights and "
-            f"the read buffers) but {gib(available)} is available: ask for a smaller size"
+            f"--size {size} needs about {describe_size(host)} of free memory ({HOST_COPIES} copies of the weights and "
+            f"the read buffers) but {describe_size(available)} is available: ask for a smaller size"
         )
-    shm = os.statvfs("/dev/shm")
-    shm_free = shm.f_bavail * shm.f_frsize
+    shm_free, _ = segments.free_space()
     if nbytes + PAGE > shm_free:
         raise InvalidArgument(
-            f"--size {size} needs {gib(nbytes)} of shared memory for the snapshot but /dev/shm has "
-            f"{gib(shm_free)} free: ask for a smaller size or make /dev/shm larger"
+            f"--size {size} needs {describe_size(nbytes)} of shared memory for the snapshot but /dev/shm has "
+            f"{describe_size(shm_free)} free: ask for a smaller size or make /dev/shm larger"
         )
     workdir = Path(tempfile.gettempdir())
     disk_free = shutil.disk_usage(workdir).free
     if 2 * nbytes > disk_free:
         raise InvalidArgument(
-            f"--size {size} needs {gib(2 * nbytes)} in {workdir} for the model's files but {gib(disk_free)} "
+            f"--size {size} needs {describe_size(2 * nbytes)} in {workdir} for the model's files but {describe_size(disk_free)} "
             "is free: ask for a smaller size or point TMPDIR elsewhere"
         )
     if backend == "cuda" and device.total_memory and nbytes >= device.total_memory:
         raise InvalidArgument(
-            f"--size {size} does not fit on {device.name} ({gib(device.total_memory)}): ask for a smaller size"
+            f"--size {size} does not fit on {device.name} ({describe_size(device.total_memory)}): ask for a smaller size"
         )
     return Plan(layers, width, repeat, backend, device.name, workdir, target)
-
-
-def gib(nbytes: float) -> str:
-    return f"{nbytes / GiB:.2f} GiB"
 
 
 # -- the model ---------------------------------------------------------------------------
@@ -612,7 +608,7 @@ def run(plan: Plan, say: Callable[[str], None]) -> dict[str, Any]:
     """
     workdir = Path(tempfile.mkdtemp(prefix="zerogpu-bench-", dir=plan.workdir))
     try:
-        say(f"building a {gib(plan.nbytes)} model: {plan.layers} layers of {plan.width} x {plan.width} float32")
+        say(f"building a {describe_size(plan.nbytes)} model: {plan.layers} layers of {plan.width} x {plan.width} float32")
         model = build_model(plan.layers, plan.width)
         shape = skeleton(plan.layers, plan.width)
         x = torch.randn(BATCH, plan.width, generator=torch.Generator().manual_seed(SEED + 1))
@@ -686,7 +682,7 @@ def render(report: dict[str, Any]) -> Table:
              else "emulated backend, no GPU: host memory stands in for device memory")
     model = report["model"]
     table = Table(
-        title=f"zerogpu bench, {where}\n{gib(model['bytes'])} model ({model['layers']} layers of "
+        title=f"zerogpu bench, {where}\n{describe_size(model['bytes'])} model ({model['layers']} layers of "
               f"{model['width']} x {model['width']} float32), batch {model['batch']}, "
               f"median of {report['repeat']}",
         caption="copy engine: restores into a device buffer allocated once.\n"

@@ -17,9 +17,11 @@ from rich.console import Console
 from rich.table import Table
 
 from . import bench as measure
+from . import segments
 from .daemon import HEARTBEAT_TIMEOUT
 from .errors import InvalidArgument, ZeroGPUError
-from .policy import DEFAULT_AGING
+from .policy import DEFAULT_AGING, Policy
+from .units import describe_size
 
 app = typer.Typer(
     name="zerogpu",
@@ -155,7 +157,7 @@ def info(as_json: Annotated[bool, typer.Option("--json", help="print the facts a
         devices.add_column(column)
     driver = facts["cuda_driver"]
     for device in facts["devices"]:
-        memory = f"{device['total_memory'] / 2**30:.1f} GiB" if device["total_memory"] else "?"
+        memory = describe_size(device["total_memory"]) if device["total_memory"] else "?"
         devices.add_row(str(device["index"]), device["name"], memory, device["visible_id"],
                         driver.get("version", "-") if device["backend"] == "cuda" else "emulated")
     console.print(devices if facts["devices"] else "devices: none")
@@ -186,14 +188,14 @@ def gather_info() -> dict[str, Any]:
         found = [dataclasses.asdict(device) for device in devices.discover(name)]
     except ZeroGPUError as error:
         name, reason, found = None, str(error), []
-    shm = os.statvfs("/dev/shm")
+    shm_free, shm_total = segments.free_space()
     return {
         "zerogpu": measure.package_version("zerogpu"),
         "torch": {"version": torch.__version__, "cuda": torch.version.cuda},
         "backend": {"name": name, "reason": reason},
         "devices": found,
         "cuda_driver": driver_info(),
-        "shm": {"free": shm.f_bavail * shm.f_frsize, "total": shm.f_blocks * shm.f_frsize},
+        "shm": {"free": shm_free, "total": shm_total},
         "extension": dict(_engine.build_info()),
     }
 
@@ -209,7 +211,7 @@ def serve(
         metavar="TIER=SECONDS", help="daily quota of a tier in large-GPU seconds (repeatable)")] = None,
     max_duration: Annotated[list[str] | None, typer.Option(
         metavar="TIER=SECONDS", help="longest call a tier may ask for (repeatable)")] = None,
-    large_per_gpu: Annotated[int, typer.Option(help="large calls sharing one GPU")] = 2,
+    large_per_gpu: Annotated[int, typer.Option(help="large calls sharing one GPU")] = Policy.large_per_gpu,
     aging: Annotated[float, typer.Option(help="seconds of waiting that lift a call one tier")] = DEFAULT_AGING,
     ledger: Annotated[Path | None, typer.Option(help="the quota database (default: under ZEROGPU_DATA_DIR)")]
     = None,

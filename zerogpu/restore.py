@@ -24,26 +24,23 @@ def restore(models: list, engine, backend: str, lease) -> list[dict]:
             figures.append(vars(stats))
         if backend == "cuda":
             move_unpacked(models)
-    except CudaError as exc:
-        if exc.name == "CUDA_ERROR_OUT_OF_MEMORY":
-            raise RestoreError(out_of_memory(models, lease)) from exc
-        raise RestoreError(f"could not restore the model's weights onto the device: {exc}") from exc
     except Exception as exc:
+        if isinstance(exc, CudaError) and exc.name == "CUDA_ERROR_OUT_OF_MEMORY":
+            raise RestoreError(out_of_memory(models, lease)) from exc
         raise RestoreError(f"could not restore the model's weights onto the device: {exc}") from exc
     return figures
 
 
 def out_of_memory(models: list, lease) -> str:
-    needed = sum(model.nbytes for model in models)
-    allowed = lease.memory_fraction * lease.device.total_memory
+    needed = f"the weights need {describe_size(sum(model.nbytes for model in models))} of device memory"
+    total = lease.device.total_memory
+    if total > 0:  # unknown without NVML
+        needed += f" and this lease allows {describe_size(lease.memory_fraction * total)} of {describe_size(total)}"
     advice = (
         "ask for a whole GPU with @zerogpu.GPU(size='xlarge')" if lease.memory_fraction < 1.0
         else "the model does not fit this GPU: use a smaller model or a GPU with more memory"
     )
-    return (
-        f"the weights need {describe_size(needed)} of device memory and this lease allows "
-        f"{describe_size(allowed)} of {lease.device.name}'s {describe_size(lease.device.total_memory)}; {advice}"
-    )
+    return f"{needed} ({lease.device.name}); {advice}"
 
 
 def move_unpacked(models: list) -> None:
