@@ -10,31 +10,37 @@ import ctypes
 import gc
 import weakref
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Hashable
 
 import torch
 
 from . import emulation
+from .errors import SerializationError
 from .snapshot import Snapshot
 
 
 @dataclass
 class PackedModel:
-    """A snapshot and, for each of its entries, the tensor objects that hold it."""
+    """A snapshot and, for each of its entries, the tensor object that holds it."""
 
     snapshot: Snapshot
-    bindings: dict[str, list[weakref.ref]] = field(default_factory=dict)
+    bindings: dict[str, weakref.ref] = field(default_factory=dict)
+    names: dict[int, str] = field(default_factory=dict)  # id of each bound tensor: its entry
 
     def live_tensors(self) -> list[torch.Tensor]:
-        return [t for refs in self.bindings.values() for ref in refs if (t := ref()) is not None]
+        return [t for ref in self.bindings.values() if (t := ref()) is not None]
+
+    def name_of(self, tensor: torch.Tensor) -> str | None:
+        """The entry `tensor` holds, if it is one of this model's tensors."""
+        name = self.names.get(id(tensor))
+        return name if name is not None and self.bindings[name]() is tensor else None
 
     def rebind(self, views: dict[str, torch.Tensor], *, keep_mark: bool = True) -> None:
         """Point every bound tensor at its view in `views` (host or device memory)."""
-        for name, refs in self.bindings.items():
-            for ref in refs:
-                tensor = ref()
-                if tensor is not None:
-                    emulation.rebind(tensor, views[name], mark=keep_mark)
+        for name, ref in self.bindings.items():
+            tensor = ref()
+            if tensor is not None:
+                emulation.rebind(tensor, views[name], mark=keep_mark)
 
     @property
     def nbytes(self) -> int:
@@ -52,14 +58,45 @@ def pack(tensors: list[torch.Tensor], progress: Callable[[int], None] | None = N
     """
     if not tensors:
         return None
-    names = {f"t{i}": tensor for i, tensor in enumerate(tensors)}
+    named = {f"t{i}": tensor for i, tensor in enumerate(tensors)}
     with emulation.suspended():
-        snapshot = Snapshot.pack({name: t.data for name, t in names.items()}, progress=progress)
-    model = PackedModel(snapshot, {name: [weakref.ref(t)] for name, t in names.items()})
+        snapshot = Snapshot.pack({name: t.data for name, t in named.items()}, progress=progress)
+    model = PackedModel(
+        snapshot,
+        bindings={name: weakref.ref(t) for name, t in named.items()},
+        names={id(t): name for name, t in named.items()},
+    )
     model.rebind(snapshot.tensors(), keep_mark=True)
-    del names
+    del named
     give_back_freed_memory()
     return model
+
+
+class References:
+    """Packed tensors travel to a worker by name: it holds them already, restored.
+
+    `models` gives the packed models of this process (the caller's, or in a
+    worker the ones it restored, which are the same objects).
+    """
+
+    def __init__(self, models: Callable[[], list[PackedModel]]) -> None:
+        self.models = models
+
+    def key_of(self, tensor: torch.Tensor) -> Hashable | None:
+        for model in self.models():
+            name = model.name_of(tensor)
+            if name is not None:
+                return model.snapshot.name, name
+        return None
+
+    def resolve(self, key: Hashable) -> torch.Tensor:
+        snapshot, name = key
+        for model in self.models():
+            if model.snapshot.name == snapshot:
+                tensor = model.bindings[name]()
+                if tensor is not None:
+                    return tensor
+        raise SerializationError(f"the packed tensor {name} of {snapshot} is not in this worker")
 
 
 def give_back_freed_memory() -> None:

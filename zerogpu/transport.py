@@ -42,7 +42,7 @@ import time
 import traceback
 import types
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Hashable, Iterator, Protocol
 
 import cloudpickle
 import posix_ipc
@@ -70,6 +70,31 @@ SMALL_FRAME = 2**20
 WRITE_CHUNK = 2**26
 EMULATION_MODULE = "zerogpu.emulation"
 MAX_WALK = 100  # how deep an error looks for the part of an object that cannot be pickled
+
+
+# -- tensors that both sides hold ----------------------------------------------------------
+
+
+class References(Protocol):
+    """Tensors both sides of a worker's socket already hold, sent by name rather than by value.
+
+    A worker is forked from its caller, so the model's weights the caller packed
+    are in the worker too (restored onto its device): an argument that holds
+    them, a decorated method's `self` say, needs only their names.
+    """
+
+    def key_of(self, tensor: torch.Tensor) -> Hashable | None: ...
+
+    def resolve(self, key: Hashable) -> torch.Tensor: ...
+
+
+_references: References | None = None
+
+
+def use_references(references: References | None) -> None:
+    """Send the tensors `references` knows by name from now on (None: by value again)."""
+    global _references
+    _references = references
 
 
 # -- messages ------------------------------------------------------------------------------
@@ -241,7 +266,8 @@ class _Pickler(cloudpickle.Pickler):
 
     def reducer_override(self, obj: Any) -> Any:
         if isinstance(obj, torch.Tensor):
-            return self._reduce_tensor(obj)
+            key = _references.key_of(obj) if self.to_device and _references is not None else None
+            return (_referenced, (key,)) if key is not None else self._reduce_tensor(obj)
         if isinstance(obj, _StoredSpan):
             return (_storage, (obj.index,))
         if not self.to_device and _defined_in_main(obj):
@@ -367,6 +393,8 @@ class _Unpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if module == __name__ and name == "_storage":
             return self._storage
+        if module == __name__ and name == "_referenced":
+            return _resolve
         return super().find_class(module, name)
 
     def _storage(self, index: int) -> _LoadedSpan:
@@ -376,6 +404,17 @@ class _Unpickler(pickle.Unpickler):
 def _storage(index: int) -> _LoadedSpan:
     """Stands in the pickle for `_Unpickler._storage`, which knows the message's storages."""
     raise SerializationError("a zerogpu message must be read with zerogpu.transport.loads()")
+
+
+def _referenced(key: Hashable) -> torch.Tensor:
+    """Stands in the pickle for a tensor sent by name; `_resolve` rebuilds it."""
+    raise SerializationError("a zerogpu message must be read with zerogpu.transport.loads()")
+
+
+def _resolve(key: Hashable) -> torch.Tensor:
+    if _references is None:
+        raise SerializationError(f"a message names the tensor {key!r}, but this process knows no tensors by name")
+    return _references.resolve(key)
 
 
 def _open_storages(table: list, view: memoryview, offset: int) -> tuple[list[_LoadedSpan], int]:
@@ -756,6 +795,7 @@ __all__ = [
     "TENSOR_SHM_THRESHOLD",
     "Channel",
     "ExceptionPayload",
+    "References",
     "RemoteTraceback",
     "capture_exception",
     "discard",
@@ -764,4 +804,5 @@ __all__ = [
     "rebuild_exception",
     "remove_segments_of",
     "segments_of",
+    "use_references",
 ]
