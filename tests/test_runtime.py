@@ -600,6 +600,103 @@ def test_model_moved_to_cuda_after_the_first_call_is_packed(gpu):
     assert runtime.models() == []  # snapshots nothing uses are freed
 
 
+def test_a_malformed_setting_fails_the_call_before_anything_is_taken(gpu, monkeypatch):
+    @zerogpu.GPU
+    def f():
+        return 1
+
+    for name in ("ZEROGPU_TIMEOUT_GRACE", "ZEROGPU_IDLE_TIMEOUT", "ZEROGPU_QUEUE_TIMEOUT"):
+        monkeypatch.setenv(name, "soon")
+        with pytest.raises(zerogpu.InvalidArgument, match=name):
+            f()
+        monkeypatch.delenv(name)
+        assert held_leases() == 0
+    assert f() == 1
+
+
+def test_positional_and_keyword_forms_may_not_both_be_given(gpu):
+    with pytest.raises(zerogpu.InvalidArgument, match="duration twice"):
+        zerogpu.GPU(45, duration=30)
+    with pytest.raises(zerogpu.InvalidArgument, match="size twice"):
+        zerogpu.GPU("xlarge", size="large")
+
+
+def test_sys_exit_without_a_code_is_reported_as_exit_zero(gpu):
+    @zerogpu.GPU
+    def leaves():
+        sys.exit()
+
+    with pytest.raises(zerogpu.WorkerCrashed, match=re.escape("called sys.exit(0) in its worker, which then exited "
+                                                              "with code 0")):
+        leaves()
+
+
+def test_a_method_sends_its_packed_weights_by_name_not_by_value(gpu):
+    from zerogpu import transport
+
+    class Generator:
+        def __init__(self):
+            self.model = torch.nn.Linear(2048, 2048).to("cuda")  # 16 MiB of weights
+
+        def run(self, x):
+            return self.model(x.to("cuda"))
+
+    generator = Generator()
+    zerogpu.startup()
+    payload = transport.dumps(((generator, torch.ones(1, 2048)), {}), to_device=True)
+    try:
+        assert len(payload) < 64 * 1024
+        assert transport.segments_of(os.getpid()) == []  # no weights copied to shared memory either
+    finally:
+        transport.discard(payload)
+    run = zerogpu.GPU(Generator.run)
+    with torch.no_grad():
+        expected = torch.nn.functional.linear(torch.ones(1, 2048), generator.model.weight.cpu(),
+                                              generator.model.bias.cpu())
+        assert torch.allclose(run(generator, torch.ones(1, 2048)), expected)
+
+
+def test_cancelling_an_async_stream_ends_its_call(gpu, tmp_path):
+    started = tmp_path / "started"
+
+    @zerogpu.GPU(duration=60)
+    async def slow_stream():
+        started.write_text(str(os.getpid()))
+        yield 1
+        await asyncio.sleep(60)
+        yield 2
+
+    async def main():
+        async def consume():
+            return [value async for value in slow_stream()]
+
+        task = asyncio.ensure_future(consume())
+        while not started.exists():
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    deadline = time.monotonic() + 10
+    while held_leases() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert held_leases() == 0
+
+
+def test_an_old_wrapper_works_again_after_zerogpu_is_enabled_again(gpu):
+    @zerogpu.GPU
+    def pid():
+        return os.getpid()
+
+    first = pid()
+    runtime.disable()
+    assert pid() == os.getpid()  # disabled: runs here
+    zerogpu.enable()
+    assert pid() not in (first, os.getpid())
+
+
 # -- warm workers --------------------------------------------------------------
 
 
@@ -651,6 +748,36 @@ def test_warm_worker_is_evicted_when_its_device_is_wanted(gpu, monkeypatch):
     idle_pid = first()
     assert second() != idle_pid
     assert not psutil.pid_exists(idle_pid) or psutil.Process(idle_pid).status() == psutil.STATUS_ZOMBIE
+    runtime_pool_close()
+
+
+def test_warm_worker_is_not_used_after_the_models_changed(gpu, monkeypatch):
+    monkeypatch.setenv("ZEROGPU_IDLE_TIMEOUT", "30")
+    models = [torch.nn.Linear(8, 8).to("cuda")]
+
+    @zerogpu.GPU
+    def pid():
+        return os.getpid()
+
+    first = pid()
+    assert pid() == first  # warm
+    models.append(torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(17)]).to("cuda"))
+    assert pid() != first  # packed anew: the old worker does not know the new model
+    runtime_pool_close()
+
+
+def test_warm_worker_that_died_while_idle_is_replaced(gpu, monkeypatch):
+    monkeypatch.setenv("ZEROGPU_IDLE_TIMEOUT", "30")
+
+    @zerogpu.GPU
+    def pid():
+        return os.getpid()
+
+    first = pid()
+    os.kill(first, signal.SIGKILL)
+    second = pid()
+    assert second != first
+    assert used_seconds() < 5
     runtime_pool_close()
 
 

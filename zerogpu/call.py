@@ -27,6 +27,7 @@ from .errors import (
 )
 from .identity import current as current_identity
 from .policy import SIZES
+from .scheduler import LeaseRequest, scheduler
 from .warm import pool
 
 DEFAULT_DURATION = 60.0
@@ -92,18 +93,30 @@ def resolve_duration(task: Task, args: tuple, kwargs: dict) -> float:
 
 
 class Call:
-    """The life of one call, from lease to release."""
+    """The life of one call, from lease to release.
 
-    def __init__(self, task: Task, args: tuple, kwargs: dict) -> None:
+    `cancel_event`, when given, lets another thread give up on the call
+    (see cancel()); a call made without one cannot be cancelled.
+    """
+
+    def __init__(self, task: Task, args: tuple, kwargs: dict,
+                 cancel_event: threading.Event | None = None) -> None:
         self.task = task
         self.duration = resolve_duration(task, args, kwargs)
-        # Read here, in the caller's context: start() may run on another thread.
+        # Read here, once: start() may run on another thread, and a setting
+        # that turns out malformed must fail before anything is taken.
         self.identity = current_identity()
+        self.queue_timeout = settings.queue_timeout()
+        self.grace = settings.timeout_grace()
+        self.idle_timeout = settings.idle_timeout()
+        # A wrapper made before zerogpu was last re-enabled finds its function again.
+        runtime.functions.setdefault(task.key, task.fn)
         self.payload = transport.dumps((args, kwargs), to_device=True)
-        self.cancel_event = threading.Event()
+        self.cancel_event = cancel_event
         self.lease = None
         self.worker: worker.Worker | None = None
-        self.warm = False
+        self.warm = False  # the worker was idle, with the weights restored, when the call came
+        self.running = False  # the worker said it took the call
         self.granted = 0.0
         self.deadline: float | None = None
         self.stage = "queue"
@@ -114,44 +127,60 @@ class Call:
         self._ending = threading.Lock()
         self.phases: dict[str, Any] = {}
 
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel_event is not None and self.cancel_event.is_set()
+
     # -- start --------------------------------------------------------------
 
     def start(self) -> None:
         """Lease a device and hand the call to a worker (a warm one when the lease has one)."""
-        from .scheduler import LeaseRequest, scheduler
-
         try:
+            if self.cancelled:
+                raise Cancelled(f"{self.task.name} was cancelled by its caller")
             runtime.ensure_started()
             request = LeaseRequest(self.identity, self.duration, self.task.size, self.task.key)
             asked = time.monotonic()
-            self.lease = scheduler().acquire(request, timeout=settings.queue_timeout(), cancel=self.cancel_event)
+            self.lease = scheduler().acquire(request, timeout=self.queue_timeout, cancel=self.cancel_event)
+            self.granted = time.monotonic()
+            self.phases["queue"] = self.granted - asked
+            self.deadline = self.granted + self.duration + self.grace
+            if self.lease.warm:
+                self.worker = pool.take(self.lease)  # first: an idle worker must not outlive its lease
+            if self.cancelled:
+                raise Cancelled(f"{self.task.name} was cancelled by its caller")
+            self.hand_over()
         except BaseException:
-            transport.discard(self.payload)
-            self.ended = True
-            raise
-        self.granted = time.monotonic()
-        self.phases["queue"] = self.granted - asked
-        if self.cancel_event.is_set():
+            self.charge = False  # the user's code never ran
             self.end()
-            raise Cancelled(f"{self.task.name} was cancelled by its caller")
-        self.deadline = self.granted + self.duration + settings.timeout_grace()
-        try:
-            self.worker = pool.take(self.lease) if self.lease.warm else None
-            if self.worker is None:
-                self.stage = "attach"
-                self.worker = worker.spawn(self.task.key, partial(child.main, plan=self.plan()))
-            else:
+            raise
+
+    def hand_over(self) -> None:
+        """Send the call to the lease's worker; a warm one that died meanwhile is replaced."""
+        if self.worker is not None:
+            try:
+                self.send()
                 self.stage = "run"
                 self.warm = True
-            if self.cancel_event.is_set():
-                raise Cancelled(f"{self.task.name} was cancelled by its caller")
-            self.worker.send(("call", self.task.key))
-            self.worker.send_bytes(self.payload)
-        except BaseException:
-            if self.stage != "run":
-                self.charge = False  # the user's code never ran
-            self.end()
-            raise
+                return
+            except (EOFError, OSError):
+                self.worker.kill()  # it went while idle: a fresh one takes over
+        self.warm = False
+        self.stage = "attach"
+        self.worker = worker.spawn(self.task.key, partial(child.main, plan=self.plan()))
+        self.worker.generation = runtime.generation
+        try:
+            self.send()
+        except (EOFError, OSError):
+            raise self.crashed(self.worker.kill(), None) from None
+
+    def hand_over_again(self) -> None:
+        self.worker = None
+        self.hand_over()
+
+    def send(self) -> None:
+        self.worker.send(("call", self.task.key))
+        self.worker.send_bytes(self.payload)
 
     def plan(self) -> child.Plan:
         return child.Plan(
@@ -159,7 +188,7 @@ class Call:
             backend=runtime.backend(),
             models=runtime.models(),
             functions=runtime.functions,
-            stay_warm=settings.idle_timeout() > 0,
+            stay_warm=self.idle_timeout > 0,
         )
 
     # -- messages -----------------------------------------------------------
@@ -184,14 +213,21 @@ class Call:
             except TimeoutError:
                 raise self.timed_out() from None
             if isinstance(message, worker.Exited):
-                if self.cancel_event.is_set():
+                if self.warm and not self.running and not self.cancelled:
+                    self.hand_over_again()  # it died while idle, before it took the call
+                    continue
+                if self.cancelled:
+                    if self.stage != "run":
+                        self.charge = False
                     raise Cancelled(f"{self.task.name} was cancelled by its caller")
                 if outcome is not None and outcome[0] != "exit":
                     # The worker sent everything it had to before it went.
                     break
                 raise self.crashed(message, outcome)
             verb = message[0]
-            if verb == "attached":
+            if verb == "running":
+                self.running = True
+            elif verb == "attached":
                 self.stage = "restore"
                 self.phases["fork"] = message[1]["started"] - self.granted
                 self.phases["attach"] = message[1]["attach_s"]
@@ -228,7 +264,7 @@ class Call:
 
     def timed_out(self) -> Exception:
         self.worker.kill()
-        limit = f"{self.duration:g} s (+{settings.timeout_grace():g} s grace)"
+        limit = f"{self.duration:g} s (+{self.grace:g} s grace)"
         if self.stage == "attach":
             self.charge = False
             return AttachError(f"attaching a GPU for {self.task.name} took longer than {limit}; the worker was killed")
@@ -264,7 +300,7 @@ class Call:
         Called by the thread that reads the call's messages, never alongside it.
         """
         try:
-            if not (self.ended or self.complete or self.cancel_event.is_set()) and self.worker and self.worker.alive:
+            if not (self.ended or self.complete or self.cancelled) and self.worker and self.worker.alive:
                 self.ask_to_close()
         finally:
             self.end()
@@ -284,7 +320,12 @@ class Call:
             pass  # end() kills it
 
     def cancel(self) -> None:
-        """The caller gave up (a cancelled task): leave the queue or kill the worker now."""
+        """The caller gave up (a cancelled task): leave the queue or kill the worker now.
+
+        From any thread; the thread that runs the call sees it and ends the call.
+        """
+        if self.cancel_event is None:
+            raise InvalidArgument("this call was made without a cancel event, so it cannot be cancelled")
         self.cancel_event.set()
         if self.worker is not None and not self.ended:
             self.worker.interrupt()
@@ -295,16 +336,13 @@ class Call:
             if self.ended:
                 return
             self.ended = True
-        from .scheduler import scheduler
-
         transport.discard(self.payload)
         if self.lease is None:
             return
         ending = time.monotonic()
         used = ending - self.granted
-        idle = settings.idle_timeout()
-        if self.clean and idle > 0 and self.worker is not None and self.worker.alive:
-            pool.park(self.worker, self.lease, used=used, charge=self.charge, idle_timeout=idle)
+        if self.clean and self.idle_timeout > 0 and self.worker is not None and self.worker.alive:
+            pool.park(self.worker, self.lease, used=used, charge=self.charge, idle_timeout=self.idle_timeout)
         else:
             if self.worker is not None:
                 self.finish_worker()
@@ -319,4 +357,5 @@ class Call:
             except (EOFError, OSError):
                 pass  # a cold worker is already on its way out
             self.worker.join(EXIT_GRACE)
-        self.worker.kill()
+        else:
+            self.worker.kill()

@@ -51,10 +51,10 @@ def main(sock: socket.socket, lifeline_fd: int, parent: int, plan: "Plan") -> No
             code = EXIT_FAILED_STAGE
         else:
             serve(channel, plan)
-    except (BrokenPipeError, ConnectionError, EOFError):
+    except (ConnectionError, EOFError):
         code = EXIT_PARENT_GONE
     except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
+        code = exit_code(exc)
     except BaseException:  # noqa: BLE001 - the worker must end here, whatever happened
         traceback.print_exc()
         code = 1
@@ -174,6 +174,7 @@ def serve(channel: transport.Channel, plan: Plan) -> None:
         if message[0] != "call":
             continue  # a "close" that crossed the end of a stream
         key = message[1]
+        channel.send(("running",), to_device=False)  # the call is this worker's now
         try:
             args, kwargs = channel.recv()
         except (EOFError, ConnectionError):
@@ -190,7 +191,8 @@ def serve(channel: transport.Channel, plan: Plan) -> None:
 
 def run(channel: transport.Channel, fn: Callable, args: tuple, kwargs: dict) -> None:
     """Step 6 and 7: run the user's function and send back what it returns, yields or raises."""
-    started = finished = time.monotonic()
+    started = time.monotonic()
+    finished = None
     try:
         if inspect.isasyncgenfunction(fn):
             stream(channel, iterate_async(fn(*args, **kwargs)))
@@ -205,13 +207,20 @@ def run(channel: transport.Channel, fn: Callable, args: tuple, kwargs: dict) -> 
             finished = time.monotonic()
             reply(channel, ("return", value))
     except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        channel.send(("exit", code), to_device=False)
+        channel.send(("exit", exit_code(exc)), to_device=False)
         raise
     except Exception as exc:  # noqa: BLE001 - the caller gets it back
         channel.send(("raise", transport.capture_exception(exc)), to_device=False)
     # `finished` is when the function returned, so the parent can time the return alone.
+    finished = finished or time.monotonic()
     channel.send(("done", {"run_s": finished - started, "finished": finished}), to_device=False)
+
+
+def exit_code(exc: SystemExit) -> int:
+    """The exit status sys.exit(code) gives: 0 for None, the number, else 1 (a message)."""
+    if exc.code is None:
+        return 0
+    return exc.code if isinstance(exc.code, int) else 1
 
 
 def reply(channel: transport.Channel, message: tuple) -> None:

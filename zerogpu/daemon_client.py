@@ -247,8 +247,10 @@ class DaemonClient(Scheduler):
             self._unpark(lease.id)
             self._keep({**message, "park": False})
 
-    def drop(self, lease: Lease) -> None:
+    def drop(self, lease: Lease, *, park: Callable[[], None] | None = None) -> None:
         with self._lock:
+            if park is not None and self._parks.get(lease.id) is not park:
+                return  # given to another call, or parked again, since
             self._parks.pop(lease.id, None)
             link = self._links_of.pop(lease.id, None)
         if link is not None and link.alive:

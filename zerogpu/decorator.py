@@ -10,9 +10,11 @@ zerogpu is not enabled, the function runs as it is.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import inspect
+import queue
 import threading
 from datetime import timedelta
 from typing import Any, Callable, TypeVar, overload
@@ -49,19 +51,26 @@ def GPU(task=None, *, duration=None, size=None):
     if callable(task):
         return _decorate(task, duration, size)
     if isinstance(task, str):
+        if size is not None:
+            raise InvalidArgument(f"@GPU({task!r}, size={size!r}) names the size twice: give it once")
         size = task
     elif task is not None:
+        if duration is not None:
+            raise InvalidArgument(f"@GPU({task!r}, duration={duration!r}) names the duration twice: give it once")
         duration = task
-    check_size(size)
-    if duration is not None and not callable(duration):
-        check_duration(duration, "duration")
+    check(duration, size)  # now, at decoration, not at the first call
     return functools.partial(_decorate, duration=duration, size=size)
 
 
-def _decorate(fn: Callable, duration: Any, size: str | None) -> Callable:
-    size = check_size(size)
+def check(duration: Any, size: Any) -> str:
+    """The size to use; InvalidArgument for a bad size or static duration."""
     if duration is not None and not callable(duration):
         check_duration(duration, "duration")
+    return check_size(size)
+
+
+def _decorate(fn: Callable, duration: Any, size: str | None) -> Callable:
+    size = check(duration, size)
     if not callable(fn):
         raise InvalidArgument(f"@zerogpu.GPU decorates functions, not {type(fn).__name__}")
     if not runtime.is_enabled():
@@ -139,51 +148,96 @@ def run(task: Task, args: tuple, kwargs: dict) -> Any:
 
 
 def finish(call: Call) -> Any:
-    """Start `call` and wait for its result."""
+    """Start `call` and wait for its result; the call is ended when this returns or raises."""
     call.start()
-    for verb, value in call.messages():
-        if verb == "return":
-            return value
+    with contextlib.closing(call.messages()) as messages:
+        for verb, value in messages:
+            if verb == "return":
+                return value
     raise AssertionError("a call ended without a result")  # pragma: no cover
 
 
 async def run_async(task: Task, args: tuple, kwargs: dict) -> Any:
     """Await a call without blocking the event loop; cancelling it kills the worker.
 
-    The thread that runs the call ends it, cancelled or not: it alone reads
-    the worker's messages.
+    One thread makes the call (pickling its arguments too, off the event
+    loop), runs it and ends it, cancelled or not: it alone reads the worker.
     """
-    call = Call(task, args, kwargs)
+    cancel = threading.Event()
+    made: list[Call] = []
+
+    def call() -> Any:
+        made.append(Call(task, args, kwargs, cancel_event=cancel))
+        return finish(made[0])
+
     try:
-        return await in_thread(lambda: finish(call))
+        return await in_thread(call)
     except asyncio.CancelledError:
-        call.cancel()
+        cancel.set()
+        if made:
+            made[0].cancel()
         raise
 
 
 async def stream_async(task: Task, args: tuple, kwargs: dict):
-    """Stream a call's values into an async generator, one thread hop per value."""
-    call = Call(task, args, kwargs)
-    done = object()
-    messages = call.messages()
+    """Stream a call's values into an async generator.
 
-    def next_value():
-        for verb, value in messages:
-            if verb == "yield":
-                return value
-        return done
+    One thread owns the call, as in run_async: it reads one value each time
+    the consumer asks for one, and ends the call when the stream ends, when
+    the consumer stops asking ("close") or when the task is cancelled.
+    """
+    loop = asyncio.get_running_loop()
+    values: asyncio.Queue = asyncio.Queue()
+    asks: queue.SimpleQueue = queue.SimpleQueue()
+    cancel = threading.Event()
+    made: list[Call] = []
 
+    def give(kind: str, value: Any = None) -> None:
+        try:
+            loop.call_soon_threadsafe(values.put_nowait, (kind, value))
+        except RuntimeError:
+            pass  # the loop is closed: nobody waits for this any more
+
+    def own() -> None:
+        try:
+            made.append(Call(task, args, kwargs, cancel_event=cancel))
+            call = made[0]
+            call.start()
+            with contextlib.closing(call.messages()) as messages:
+                while asks.get() == "next":
+                    for verb, value in messages:
+                        if verb == "yield":
+                            give("value", value)
+                            break
+                    else:
+                        break
+                else:
+                    call.close()
+            give("end")
+        except BaseException as error:  # noqa: BLE001 - handed to the consumer
+            give("error", error)
+
+    threading.Thread(target=contextvars.copy_context().run, args=(own,), name="zerogpu-call", daemon=True).start()
     try:
-        await in_thread(call.start)
-        while (value := await in_thread(next_value)) is not done:
+        while True:
+            asks.put("next")
+            kind, value = await values.get()
+            if kind == "error":
+                raise value
+            if kind == "end":
+                return
             yield value
     except asyncio.CancelledError:
-        # A thread is still reading the call; it sees the worker die and ends the call.
-        call.cancel()
+        cancel.set()
+        if made:
+            made[0].cancel()
+        asks.put("close")  # in case it waits for the next ask: it sees the cancel and ends the call
         raise
     except GeneratorExit:
-        # The consumer stopped between values: nothing else reads the call now.
-        await in_thread(call.close)
+        # The consumer stopped between values: the owner closes the call; wait for that.
+        asks.put("close")
+        while (await values.get())[0] == "value":
+            pass
         raise
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from typing import Callable
 
-from . import segments, settings
+from . import packing, segments, settings, transport
 from .errors import InvalidArgument
 
 # Tensors moved to 'cuda' after the first call are packed once they add up to this.
@@ -21,6 +21,9 @@ _enabled = False
 _backend: str | None = None
 _models: list = []
 _started = False
+# Counts the changes to the set of packed models: a warm worker forked before
+# the last one holds stale weights, or lacks some, and is not used again.
+generation = 0
 # Functions that may run in a worker, by key: a worker forked later finds them here.
 functions: dict[str, Callable] = {}
 # Each decorated function's wrapper, and each wrapper itself: decorating twice gives one wrapper.
@@ -50,6 +53,7 @@ def enable() -> None:
         memory = {"total_memory": first.total_memory} if first.total_memory > 0 else {}
         emulation.patch(emulation.DeviceInfo(name=first.name, count=1, **memory))
         segments.sweep()  # what crashed apps left in /dev/shm
+        transport.use_references(packing.References(models))
         _backend = backend
         _enabled = True
 
@@ -75,6 +79,7 @@ def disable() -> None:
         functions.clear()
         wrappers.clear()
         reset_scheduler()
+        transport.use_references(None)
         emulation.unpatch()
         _enabled = False
         _backend = None
@@ -130,6 +135,7 @@ def ensure_started() -> None:
         for model in [m for m in _models if not m.live_tensors()]:
             _models.remove(model)
             model.close()
+            changed()
         fresh = fresh_tensors()
         if sum(t.untyped_storage().nbytes() for t in fresh) >= LATE_PACK_BYTES:
             pack(fresh, None)
@@ -144,15 +150,19 @@ def fresh_tensors() -> list:
 
 
 def pack(tensors: list, progress: Callable[[int], None] | None) -> int:
-    from . import packing
-
     if progress is None and tensors:
         progress = progress_bar(sum(t.untyped_storage().nbytes() for t in tensors))
     model = packing.pack(tensors, progress=progress)
     if model is None:
         return 0
     _models.append(model)
+    changed()
     return model.nbytes
+
+
+def changed() -> None:
+    global generation
+    generation += 1
 
 
 def models() -> list:

@@ -101,8 +101,12 @@ class Scheduler(ABC):
         """
 
     @abstractmethod
-    def drop(self, lease: Lease) -> None:
-        """Return a parked lease whose worker is gone; a no-op if it is no longer parked."""
+    def drop(self, lease: Lease, *, park: Callable[[], None] | None = None) -> None:
+        """Return a parked lease whose worker is gone; a no-op if it is no longer parked.
+
+        With `park`, only if the lease is still parked with that very callback:
+        the lease may have gone to another call, and been parked again, since.
+        """
 
     @abstractmethod
     def status(self) -> dict:
@@ -321,10 +325,12 @@ class EmbeddedScheduler(Scheduler):
                 granted, evicted = self._schedule()
             self._notify(granted, evicted)
 
-    def drop(self, lease: Lease) -> None:
+    def drop(self, lease: Lease, *, park: Callable[[], None] | None = None) -> None:
         with self._lock:
             held = self._held.get(lease.id)
             if held is None or held.state not in (PARKED, EVICTING):
+                return
+            if park is not None and held.park is not park:
                 return
             self._free(held)
             granted, evicted = self._schedule()

@@ -99,26 +99,41 @@ class Spawner:
         If the wait is interrupted (Ctrl-C), the job still finishes, and
         `abandon` gets its result, which nobody else will.
         """
-        done: queue.SimpleQueue = queue.SimpleQueue()
-        self._requests.put((job, done))
+        task = Job(job)
+        self._requests.put(task)
         try:
-            ok, outcome = done.get()
+            task.done.wait()
         except BaseException:
-            ok, outcome = done.get()
-            if ok and abandon is not None:
-                abandon(outcome)
+            # The outcome is kept on the job, not in a queue, so an interrupt
+            # that lands as it arrives cannot lose it.
+            task.done.wait()
+            if task.error is None and abandon is not None:
+                abandon(task.result)
             raise
-        if not ok:
-            raise outcome
-        return outcome
+        if task.error is not None:
+            raise task.error
+        return task.result
 
     def _serve(self) -> None:
         while True:
-            job, done = self._requests.get()
+            task = self._requests.get()
             try:
-                done.put((True, job()))
+                task.result = task.job()
             except BaseException as exc:  # noqa: BLE001 - handed to the caller
-                done.put((False, exc))
+                task.error = exc
+            task.done.set()
+
+
+class Job:
+    """One piece of work for the spawner thread, and its outcome."""
+
+    __slots__ = ("job", "done", "result", "error")
+
+    def __init__(self, job: Callable[[], Any]) -> None:
+        self.job = job
+        self.done = threading.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
 
 
 _spawner: Spawner | None = None
@@ -166,13 +181,16 @@ class Worker:
     channel: transport.Channel
     pidfd: int
     key: str
+    generation: int = 0  # of the packed models when it was forked (see runtime.generation)
     status: int | None = None
+    # Set when SIGKILL did not end it in time: a background thread reaps it.
+    abandoned: bool = False
     # The caller's thread and a canceller may both reap: only one may wait.
     _reaping: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def alive(self) -> bool:
-        return self.status is None
+        return self.status is None and not self.abandoned
 
     def send(self, obj: Any) -> None:
         self.channel.send(obj, to_device=True)
@@ -218,11 +236,11 @@ class Worker:
                 self._reap()
         return True
 
-    def join(self, timeout: float) -> Exited | None:
-        """Wait up to `timeout` seconds for the worker to exit by itself; reap it if it did."""
-        if self.status is None and not self._wait_exit(timeout):
-            return None
-        return self.kill()
+    def join(self, timeout: float) -> None:
+        """Wait up to `timeout` seconds for the worker to exit by itself, then make sure it is gone."""
+        if self.alive:
+            self._wait_exit(timeout)
+        self.kill()
 
     def interrupt(self) -> None:
         """SIGKILL the worker's process group from any thread; its owner then reaps it."""
@@ -241,10 +259,13 @@ class Worker:
         within KILL_WAIT seconds (stuck in the kernel, in a GPU driver call) is
         left to a background reaper rather than blocking the caller forever.
         """
+        if self.abandoned:
+            return Exited(None)
         with self._reaping:
             if self.status is None:
                 kill_group(self.pid)
                 if not self._wait_exit(KILL_WAIT):
+                    self.abandoned = True
                     threading.Thread(target=self._reap_later, name="zerogpu-reaper", daemon=True).start()
                     return Exited(None)
                 self._reap()
@@ -303,10 +324,11 @@ def torch_mutexes() -> list[int]:
     mutex follows the reference-count header (two or three words, by torch
     version) and is followed by the generator's device (CPU, index -1). Both
     layouts are checked, and the mutex must read as a free one, or nothing is
-    held (a plain fork, with the hazard above).
+    held (a plain fork, with the hazard above) and the search is made again at
+    the next fork: a mutex another thread holds right now also reads as taken.
     """
     global _torch_mutexes
-    if _torch_mutexes is not None:
+    if _torch_mutexes:
         return _torch_mutexes
     torch = sys.modules.get("torch")
     size = PTHREAD_MUTEX_SIZE.get(os.uname().machine)
