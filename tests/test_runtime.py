@@ -600,6 +600,22 @@ def test_model_moved_to_cuda_after_the_first_call_is_packed(gpu):
     assert runtime.models() == []  # snapshots nothing uses are freed
 
 
+def test_tensors_moved_to_cuda_in_pieces_are_packed_once_they_add_up(gpu):
+    @zerogpu.GPU
+    def nothing():
+        return None
+
+    nothing()
+    assert runtime.models() == []
+    first = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(10)]).to("cuda")  # 40 MiB
+    nothing()
+    assert runtime.models() == []  # under LATE_PACK_BYTES: travels with calls
+    second = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(10)]).to("cuda")
+    nothing()
+    [model] = runtime.models()  # the earlier piece was not forgotten
+    assert model.held == len(list(first.parameters())) + len(list(second.parameters()))
+
+
 def test_a_malformed_setting_fails_the_call_before_anything_is_taken(gpu, monkeypatch):
     @zerogpu.GPU
     def f():

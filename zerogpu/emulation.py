@@ -51,6 +51,7 @@ __all__ = [
     "unmark",
     "rebind",
     "live_tensors",
+    "marks",
 ]
 
 
@@ -107,6 +108,7 @@ class _Registry:
 
     def __init__(self) -> None:
         self._entries: dict[int, tuple[weakref.ref, int]] = {}
+        self.added = 0  # entries ever made: a count that only grows
 
     def index(self, tensor: torch.Tensor) -> int | None:
         entry = self._entries.get(id(tensor))
@@ -122,6 +124,7 @@ class _Registry:
                 self._entries[key] = (entry[0], index)
             return
         self._entries[key] = (weakref.ref(tensor, functools.partial(self._forget, key)), index)
+        self.added += 1
 
     def discard(self, tensor: torch.Tensor) -> None:
         key = id(tensor)
@@ -1128,3 +1131,8 @@ def rebind(tensor: torch.Tensor, data: torch.Tensor, *, mark: bool | None = None
 def live_tensors() -> list[torch.Tensor]:
     """Every live emulated cuda tensor, in the order they were first marked."""
     return _registry.tensors()
+
+
+def marks() -> int:
+    """How many tensors have been marked so far: unchanged means no tensor became 'cuda' since."""
+    return _registry.added

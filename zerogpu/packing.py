@@ -26,6 +26,17 @@ class PackedModel:
     snapshot: Snapshot
     bindings: dict[str, weakref.ref] = field(default_factory=dict)
     names: dict[int, str] = field(default_factory=dict)  # id of each bound tensor: its entry
+    # Bound tensors still alive, kept by their weak references' callbacks so
+    # that asking before each call costs nothing however large the model.
+    held: int = 0
+
+    def bind(self, name: str, tensor: torch.Tensor) -> None:
+        self.bindings[name] = weakref.ref(tensor, self._lost)
+        self.names[id(tensor)] = name
+        self.held += 1
+
+    def _lost(self, _: weakref.ref) -> None:
+        self.held -= 1
 
     def live_tensors(self) -> list[torch.Tensor]:
         return [t for ref in self.bindings.values() if (t := ref()) is not None]
@@ -61,15 +72,18 @@ def pack(tensors: list[torch.Tensor], progress: Callable[[int], None] | None = N
     named = {f"t{i}": tensor for i, tensor in enumerate(tensors)}
     with emulation.suspended():
         snapshot = Snapshot.pack({name: t.data for name, t in named.items()}, progress=progress)
-    model = PackedModel(
-        snapshot,
-        bindings={name: weakref.ref(t) for name, t in named.items()},
-        names={id(t): name for name, t in named.items()},
-    )
+    model = PackedModel(snapshot)
+    for name, tensor in named.items():
+        model.bind(name, tensor)
     model.rebind(snapshot.tensors(), keep_mark=True)
     del named
     give_back_freed_memory()
     return model
+
+
+def unpacked(models: list[PackedModel]) -> list[torch.Tensor]:
+    """Live 'cuda' tensors that none of `models` holds: moved to 'cuda' after they were packed."""
+    return [t for t in emulation.live_tensors() if not any(m.name_of(t) is not None for m in models)]
 
 
 class References:

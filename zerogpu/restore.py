@@ -8,6 +8,7 @@ Every tensor the parent recorded keeps its Python identity (the same
 from __future__ import annotations
 
 from .errors import CudaError, RestoreError
+from .packing import unpacked
 from .units import describe_size
 
 
@@ -45,11 +46,5 @@ def out_of_memory(models: list, lease) -> str:
 
 def move_unpacked(models: list) -> None:
     """Recorded tensors that no snapshot holds (made after packing) go to the device one by one."""
-    from . import emulation
-
-    packed = set()
-    for model in models:
-        packed.update(id(t) for t in model.live_tensors())
-    for tensor in emulation.live_tensors():
-        if id(tensor) not in packed:
-            tensor.data = tensor.data.to("cuda")
+    for tensor in unpacked(models):
+        tensor.data = tensor.data.to("cuda")

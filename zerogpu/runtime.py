@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from typing import Callable
 
-from . import packing, segments, settings, transport
+from . import emulation, packing, segments, settings, transport
 from .errors import InvalidArgument
 
 # Tensors moved to 'cuda' after the first call are packed once they add up to this.
@@ -21,6 +21,8 @@ _enabled = False
 _backend: str | None = None
 _models: list = []
 _started = False
+# emulation.marks() when tensors moved to 'cuda' were last looked for.
+_looked = -1
 # Counts the changes to the set of packed models: a warm worker forked before
 # the last one holds stale weights, or lacks some, and is not used again.
 generation = 0
@@ -45,7 +47,7 @@ def enable() -> None:
         if _enabled:
             return
         # The engine is imported here, once, so that workers inherit it instead of importing it per call.
-        from . import devices, emulation, engine  # noqa: F401
+        from . import devices, engine  # noqa: F401
 
         backend = choose_backend()
         first = devices.discover(backend)[0]
@@ -64,8 +66,7 @@ def disable() -> None:
     Decorated functions then run in-process, as they would had zerogpu never
     been enabled. Meant for tests and for tools that enable zerogpu briefly.
     """
-    global _enabled, _backend, _started
-    from . import emulation
+    global _enabled, _backend, _started, _looked
     from .scheduler import reset_scheduler
     from .warm import pool
 
@@ -84,6 +85,7 @@ def disable() -> None:
         _enabled = False
         _backend = None
         _started = False
+        _looked = -1
 
 
 def choose_backend() -> str:
@@ -113,8 +115,7 @@ def startup(progress: Callable[[int], None] | None = None) -> int:
     """
     global _started
     with _lock:
-        if not _enabled:
-            raise InvalidArgument("zerogpu is not enabled: call zerogpu.enable() or set ZEROGPU=1")
+        backend()  # enabled, or InvalidArgument
         packed = pack(fresh_tensors(), progress)
         _started = True
         return packed
@@ -126,27 +127,27 @@ def ensure_started() -> None:
     Tensors moved to 'cuda' after the first call are packed once they add up
     to LATE_PACK_BYTES (a model loaded later); smaller ones, such as a request's
     inputs, are not worth a snapshot and travel with the call. Snapshots whose
-    tensors are all gone are freed.
+    tensors are all gone are freed. Neither costs anything while nothing changed.
     """
     with _lock:
         if not _started:
             startup()
             return
-        for model in [m for m in _models if not m.live_tensors()]:
+        for model in [m for m in _models if not m.held]:
             _models.remove(model)
             model.close()
             changed()
-        fresh = fresh_tensors()
-        if sum(t.untyped_storage().nbytes() for t in fresh) >= LATE_PACK_BYTES:
-            pack(fresh, None)
+        if emulation.marks() != _looked:
+            fresh = fresh_tensors()
+            if sum(t.untyped_storage().nbytes() for t in fresh) >= LATE_PACK_BYTES:
+                pack(fresh, None)
 
 
 def fresh_tensors() -> list:
     """Live tensors moved to 'cuda' that no snapshot holds."""
-    from . import emulation
-
-    packed = {id(t) for model in _models for t in model.live_tensors()}
-    return [t for t in emulation.live_tensors() if id(t) not in packed]
+    global _looked
+    _looked = emulation.marks()
+    return packing.unpacked(_models)
 
 
 def pack(tensors: list, progress: Callable[[int], None] | None) -> int:
