@@ -187,6 +187,8 @@ class Worker:
     abandoned: bool = False
     # The caller's thread and a canceller may both reap: only one may wait.
     _reaping: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # Watches the socket and the pidfd for `receive`: made once, not per message.
+    _selector: selectors.BaseSelector | None = field(default=None, repr=False)
 
     @property
     def alive(self) -> bool:
@@ -204,27 +206,28 @@ class Worker:
         A worker that dies right after writing its last message is read to the end
         before its death is reported, so no result is lost.
         """
-        with selectors.DefaultSelector() as selector:
-            selector.register(self.channel.fileno(), selectors.EVENT_READ, "channel")
-            selector.register(self.pidfd, selectors.EVENT_READ, "exit")
-            while True:
-                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-                events = selector.select(timeout)
-                if not events:
-                    raise TimeoutError
-                sources = {key.data for key, _ in events}
-                if "channel" in sources:
-                    try:
-                        return self.channel.recv(timeout=0)
-                    except (EOFError, ConnectionError):
-                        return self.kill()
-                    except TimeoutError:
-                        pass  # a partial frame: wait for the rest
-                if "exit" in sources:
-                    try:
-                        return self.channel.recv(timeout=0)
-                    except (EOFError, ConnectionError, TimeoutError):
-                        return self.kill()
+        if self._selector is None:
+            self._selector = selectors.DefaultSelector()
+            self._selector.register(self.channel.fileno(), selectors.EVENT_READ, "channel")
+            self._selector.register(self.pidfd, selectors.EVENT_READ, "exit")
+        while True:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            events = self._selector.select(timeout)
+            if not events:
+                raise TimeoutError
+            sources = {key.data for key, _ in events}
+            if "channel" in sources:
+                try:
+                    return self.channel.recv(timeout=0)
+                except (EOFError, ConnectionError):
+                    return self.kill()
+                except TimeoutError:
+                    pass  # a partial frame: wait for the rest
+            if "exit" in sources:
+                try:
+                    return self.channel.recv(timeout=0)
+                except (EOFError, ConnectionError, TimeoutError):
+                    return self.kill()
 
     def exited(self) -> bool:
         """Whether the worker has died (reaping it if so), without waiting."""
@@ -289,6 +292,8 @@ class Worker:
 
     def _close_descriptors(self) -> None:
         # On the spawner thread, so no fork sees a descriptor half closed.
+        if self._selector is not None:
+            self._selector.close()
         _pidfds.discard(self.pidfd)
         os.close(self.pidfd)
         self.channel.close()
