@@ -131,13 +131,16 @@ class Call:
     def cancelled(self) -> bool:
         return self.cancel_event is not None and self.cancel_event.is_set()
 
+    def cancelled_error(self) -> Cancelled:
+        return Cancelled(f"{self.task.name} was cancelled by its caller")
+
     # -- start --------------------------------------------------------------
 
     def start(self) -> None:
         """Lease a device and hand the call to a worker (a warm one when the lease has one)."""
         try:
             if self.cancelled:
-                raise Cancelled(f"{self.task.name} was cancelled by its caller")
+                raise self.cancelled_error()
             runtime.ensure_started()
             request = LeaseRequest(self.identity, self.duration, self.task.size, self.task.key)
             asked = time.monotonic()
@@ -148,7 +151,7 @@ class Call:
             if self.lease.warm:
                 self.worker = pool.take(self.lease)  # first: an idle worker must not outlive its lease
             if self.cancelled:
-                raise Cancelled(f"{self.task.name} was cancelled by its caller")
+                raise self.cancelled_error()
             self.hand_over()
         except BaseException:
             self.charge = False  # the user's code never ran
@@ -219,7 +222,7 @@ class Call:
                 if self.cancelled:
                     if self.stage != "run":
                         self.charge = False
-                    raise Cancelled(f"{self.task.name} was cancelled by its caller")
+                    raise self.cancelled_error()
                 if outcome is not None and outcome[0] != "exit":
                     # The worker sent everything it had to before it went.
                     break

@@ -329,11 +329,12 @@ def torch_mutexes() -> list[int]:
     mutex follows the reference-count header (two or three words, by torch
     version) and is followed by the generator's device (CPU, index -1). Both
     layouts are checked, and the mutex must read as a free one, or nothing is
-    held (a plain fork, with the hazard above) and the search is made again at
-    the next fork: a mutex another thread holds right now also reads as taken.
+    held (a plain fork, with the hazard above). A layout that matches with the
+    mutex taken is looked at again at the next fork (another thread may hold
+    it right now); the outcome of any other search is kept.
     """
     global _torch_mutexes
-    if _torch_mutexes:
+    if _torch_mutexes is not None:
         return _torch_mutexes
     torch = sys.modules.get("torch")
     size = PTHREAD_MUTEX_SIZE.get(os.uname().machine)
@@ -348,7 +349,9 @@ def torch_mutexes() -> list[int]:
             for header in (16, 24):
                 mutex = (ctypes.c_uint8 * size).from_address(impl + header)
                 device = ctypes.c_uint16.from_address(impl + header + size).value
-                if not any(mutex) and device == 0xFF00:  # DeviceType::CPU (0), index -1
+                if device == 0xFF00:  # DeviceType::CPU (0), index -1
+                    if any(mutex):
+                        return []  # held now: a plain fork this time
                     found = [impl + header]
                     break
     _torch_mutexes = found
