@@ -912,6 +912,41 @@ def test_startup_packs_once_with_progress_and_ties_stay_tied(gpu):
     assert torch.equal(run(tokens), expected)
 
 
+def test_progress_bar_counts_shared_storages_once_and_ends_with_the_pack(gpu, monkeypatch):
+    monkeypatch.setenv("FORCE_COLOR", "1")  # a terminal for rich: a running bar takes over sys.stdout
+    monkeypatch.setattr(runtime, "PROGRESS_BYTES", 1)
+    totals = []
+    bar = runtime.bytes_progress
+
+    def recording(description, total):
+        totals.append(total)
+        return bar(description, total)
+
+    monkeypatch.setattr(runtime, "bytes_progress", recording)
+    weight = torch.randn(512, 512).to("cuda")
+    halves = weight.chunk(2)  # noqa: F841 - two more tensors on the same storage
+    stdout = sys.stdout
+    assert zerogpu.startup() == pytest.approx(weight.nbytes, abs=2**16)
+    assert totals == [weight.nbytes]
+    assert sys.stdout is stdout  # the bar has ended
+
+
+def test_progress_bar_ends_when_the_pack_fails(gpu, monkeypatch):
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    monkeypatch.setattr(runtime, "PROGRESS_BYTES", 1)
+
+    def failing(tensors, progress):
+        progress(1)
+        raise zerogpu.SnapshotError("no space")
+
+    monkeypatch.setattr(runtime.packing, "pack", failing)
+    model = torch.nn.Linear(8, 8).to("cuda")  # noqa: F841 - kept alive, so it is packed
+    stdout = sys.stdout
+    with pytest.raises(zerogpu.SnapshotError):
+        zerogpu.startup()
+    assert sys.stdout is stdout
+
+
 def test_small_transformers_model_gives_the_cpu_output(gpu):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)

@@ -81,6 +81,15 @@ def pack(tensors: list[torch.Tensor], progress: Callable[[int], None] | None = N
     return model
 
 
+def storage_bytes(tensors: list[torch.Tensor]) -> int:
+    """The bytes a snapshot of `tensors` copies: each storage once, however many tensors share it."""
+    sizes: dict[int, int] = {}
+    for tensor in tensors:
+        storage = tensor.untyped_storage()
+        sizes[storage.data_ptr()] = max(sizes.get(storage.data_ptr(), 0), storage.nbytes())
+    return sum(sizes.values())
+
+
 def unpacked(models: list[PackedModel]) -> list[torch.Tensor]:
     """Live 'cuda' tensors that none of `models` holds: moved to 'cuda' after they were packed."""
     return [t for t in emulation.live_tensors() if not any(m.name_of(t) is not None for m in models)]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from typing import Callable, Iterator
 
 
-def bytes_progress(description: str, total: int) -> Callable[[int], None]:
-    """A callback to give each copied chunk's size; the bar closes itself when full."""
+@contextlib.contextmanager
+def bytes_progress(description: str, total: int) -> Iterator[Callable[[int], None]]:
+    """A callback to give each copied chunk's size; the bar is closed on leaving, however the copy ended."""
     from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
@@ -19,14 +21,9 @@ def bytes_progress(description: str, total: int) -> Callable[[int], None]:
         transient=False,
     )
     task = bar.add_task(description, total=total)
-    bar.start()
-    done = 0
 
     def advance(nbytes: int) -> None:
-        nonlocal done
-        done += nbytes
-        bar.update(task, completed=done)
-        if done >= total:
-            bar.stop()
+        bar.advance(task, nbytes)
 
-    return advance
+    with bar:
+        yield advance

@@ -7,14 +7,18 @@ runs `startup()` if nobody did.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from typing import Callable
 
 from . import emulation, packing, segments, settings, transport
 from .errors import InvalidArgument
+from .progress import bytes_progress
 
 # Tensors moved to 'cuda' after the first call are packed once they add up to this.
 LATE_PACK_BYTES = 64 * 2**20
+# Packs of this many bytes or more show a progress bar on stderr.
+PROGRESS_BYTES = 2**30
 
 _lock = threading.RLock()
 _enabled = False
@@ -139,7 +143,7 @@ def ensure_started() -> None:
             changed()
         if emulation.marks() != _looked:
             fresh = fresh_tensors()
-            if sum(t.untyped_storage().nbytes() for t in fresh) >= LATE_PACK_BYTES:
+            if packing.storage_bytes(fresh) >= LATE_PACK_BYTES:
                 pack(fresh, None)
 
 
@@ -151,9 +155,11 @@ def fresh_tensors() -> list:
 
 
 def pack(tensors: list, progress: Callable[[int], None] | None) -> int:
-    if progress is None and tensors:
-        progress = progress_bar(sum(t.untyped_storage().nbytes() for t in tensors))
-    model = packing.pack(tensors, progress=progress)
+    with contextlib.ExitStack() as stack:
+        total = packing.storage_bytes(tensors)
+        if progress is None and total >= PROGRESS_BYTES:
+            progress = stack.enter_context(bytes_progress("packing model weights", total))
+        model = packing.pack(tensors, progress=progress)
     if model is None:
         return 0
     _models.append(model)
@@ -168,12 +174,3 @@ def changed() -> None:
 
 def models() -> list:
     return list(_models)
-
-
-def progress_bar(total: int) -> Callable[[int], None] | None:
-    """A rich progress bar on stderr for packs of a gigabyte or more; None below that."""
-    if total < 2**30:
-        return None
-    from .progress import bytes_progress
-
-    return bytes_progress("packing model weights", total)
