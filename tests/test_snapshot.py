@@ -292,6 +292,31 @@ def test_running_out_of_space_while_writing_leaves_nothing_behind(monkeypatch):
     assert segments() == before
 
 
+def test_a_read_error_while_loading_a_file_is_not_blamed_on_free_space(tmp_path, monkeypatch):
+    path = tmp_path / "model.safetensors"
+    safetensors.torch.save_file({"a": torch.randn(64), "b": torch.randn(64)}, str(path))
+
+    def sendfile(out_fd: int, in_fd: int, offset: int, count: int) -> int:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "sendfile", sendfile)
+    before = segments()
+    with pytest.raises(SnapshotError, match="could not write snapshot .* Input/output error") as failure:
+        Snapshot.load_safetensors(path)
+    assert "free space" not in str(failure.value)
+    assert segments() == before
+
+
+def test_a_file_that_shrinks_while_it_is_loaded_leaves_nothing_behind(tmp_path, monkeypatch):
+    path = tmp_path / "model.safetensors"
+    safetensors.torch.save_file({"a": torch.randn(64)}, str(path))
+    monkeypatch.setattr(os, "sendfile", lambda out_fd, in_fd, offset, count: 0)  # end of file
+    before = segments()
+    with pytest.raises(SnapshotError, match="shrank while it was being read"):
+        Snapshot.load_safetensors(path)
+    assert segments() == before
+
+
 # ---- memory
 
 

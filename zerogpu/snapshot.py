@@ -21,6 +21,7 @@ owners that died without unlinking them.
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import math
 import mmap
@@ -33,6 +34,7 @@ import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import posix_ipc
 import torch
@@ -171,22 +173,28 @@ class Snapshot:
     def load_safetensors(cls, path: str | os.PathLike, *, progress: Progress | None = None) -> Snapshot:
         """Read a `.safetensors` file straight into a new segment (no copy in between)."""
         path = Path(path)
-        data_start, found = read_safetensors_header(path)
-        entries: list[Entry] = []
-        cursor = 0
-        for name, dtype, shape, begin, end in found:
-            offset = align_storage(cursor, end - begin)
-            stride = torch.empty(shape, device="meta").stride()
-            entries.append(Entry(name, dtype, shape, stride, 0, offset, end - begin))
-            cursor = offset + end - begin
+        try:
+            file = open(path, "rb")
+        except OSError as error:
+            raise InvalidArgument(f"cannot read {path}: {error.strerror or error}") from None
+        # One open file for the header and the bytes: a file replaced in between
+        # (a download renamed over it) cannot fill the layout read from another.
+        with file:
+            data_start, found = read_safetensors_header(path, file)
+            entries: list[Entry] = []
+            cursor = 0
+            for name, dtype, shape, begin, end in found:
+                offset = align_storage(cursor, end - begin)
+                stride = torch.empty(shape, device="meta").stride()
+                entries.append(Entry(name, dtype, shape, stride, 0, offset, end - begin))
+                cursor = offset + end - begin
 
-        def write(fd: int, data_offset: int) -> None:
-            with open(path, "rb") as file:
+            def write(fd: int, data_offset: int) -> None:
                 for entry, (_, _, _, begin, _) in zip(entries, found):
                     send_bytes(fd, file.fileno(), data_start + begin, data_offset + entry.offset, entry.nbytes,
                                progress)
 
-        return cls._create(entries, write)
+            return cls._create(entries, write)
 
     @classmethod
     def _create(cls, entries: list[Entry], write: Callable[[int, int], None]) -> Snapshot:
@@ -215,8 +223,9 @@ class Snapshot:
         except BaseException as error:
             shm.unlink()
             if isinstance(error, OSError):
+                advice = "; free space there or make it larger" if error.errno == errno.ENOSPC else ""
                 raise SnapshotError(f"could not write snapshot {name} ({describe_size(size)}) into {segments.SHM_DIR}: "
-                                    f"{error.strerror or error}; free space there or make it larger") from error
+                                    f"{error.strerror or error}{advice}") from error
             raise
         finally:
             shm.close_fd()
@@ -245,7 +254,11 @@ class Snapshot:
             segment = mmap.mmap(shm.fd, size, access=mmap.ACCESS_READ)
         finally:
             shm.close_fd()
-        data_offset, nbytes, entries = read_manifest(name, segment)
+        try:
+            data_offset, nbytes, entries = read_manifest(name, segment)
+        except BaseException:
+            segment.close()  # now, not whenever the exception's traceback lets go of it
+            raise
         return cls(name, segment, data_offset, nbytes, entries, owner=False)
 
     # ---- using one
@@ -591,19 +604,18 @@ def entry_from_json(fields: dict, nbytes: int) -> Entry:
 # ---- safetensors files
 
 
-def read_safetensors_header(path: Path) -> tuple[int, list[tuple[str, torch.dtype, tuple[int, ...], int, int]]]:
+def read_safetensors_header(path: Path, file: BinaryIO) -> tuple[int, list[tuple[str, torch.dtype, tuple[int, ...], int, int]]]:
     """Where the data starts, and (name, dtype, shape, begin, end) of each tensor in file order."""
     try:
-        with open(path, "rb") as file:
-            size = os.fstat(file.fileno()).st_size
-            prefix = file.read(8)
-            if len(prefix) < 8:
-                raise InvalidArgument(f"{path} is not a safetensors file: it is only {size} bytes long")
-            (length,) = struct.unpack("<Q", prefix)
-            if length > min(MAX_SAFETENSORS_HEADER, size - 8):
-                raise InvalidArgument(f"{path} is not a safetensors file or is truncated: its header claims "
-                                      f"{length} bytes, the file has {size}")
-            raw = file.read(length)
+        size = os.fstat(file.fileno()).st_size
+        prefix = file.read(8)
+        if len(prefix) < 8:
+            raise InvalidArgument(f"{path} is not a safetensors file: it is only {size} bytes long")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > min(MAX_SAFETENSORS_HEADER, size - 8):
+            raise InvalidArgument(f"{path} is not a safetensors file or is truncated: its header claims "
+                                  f"{length} bytes, the file has {size}")
+        raw = file.read(length)
     except OSError as error:
         raise InvalidArgument(f"cannot read {path}: {error.strerror or error}") from None
     try:
