@@ -111,7 +111,7 @@ class DaemonProcess:
         self.socket = str(folder / "bench.sock")
         env = {**os.environ, "ZEROGPU_BACKEND": "emulated", "ZEROGPU_EMULATED_GPUS": str(GPUS)}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "zerogpu.daemon", "--socket", self.socket, "--ledger",
+            [sys.executable, "-m", "zerogpu.cli", "serve", "--socket", self.socket, "--ledger",
              str(folder / "daemon.sqlite3")] + [f"--quota={tier}=1e12" for tier in TIERS],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
         )

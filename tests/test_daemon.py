@@ -55,7 +55,7 @@ class Daemon:
         env = {**os.environ, "ZEROGPU_BACKEND": "emulated", "ZEROGPU_EMULATED_GPUS": "4",
                "ZEROGPU_DATA_DIR": self.folder}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "zerogpu.daemon", "--socket", self.socket, "--ledger", self.ledger,
+            [sys.executable, "-m", "zerogpu.cli", "serve", "--socket", self.socket, "--ledger", self.ledger,
              "--quota", "anonymous=600", "--quota", "free=600", "--quota", "pro=100000", *self.extra],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
         )

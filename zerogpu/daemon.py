@@ -17,13 +17,11 @@ and they release them as usual once they reconnect.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import signal
 import socket
 import stat
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -457,35 +455,3 @@ def serve(
         daemon.stop()
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m zerogpu.daemon --socket PATH`: the daemon without the CLI."""
-    parser = argparse.ArgumentParser(prog="python -m zerogpu.daemon", description=__doc__.split("\n")[0])
-    parser.add_argument("--socket", help="the unix socket to serve (default: ZEROGPU_SCHEDULER)")
-    parser.add_argument("--quota", action="append", default=[], metavar="TIER=SECONDS",
-                        help="daily quota of a tier, in large-GPU seconds")
-    parser.add_argument("--max-duration", action="append", default=[], metavar="TIER=SECONDS",
-                        help="longest call a tier may ask for")
-    parser.add_argument("--large-per-gpu", type=int, default=2, help="large calls sharing one GPU")
-    parser.add_argument("--aging", type=float, default=Policy.aging, help="seconds of waiting per tier lifted")
-    parser.add_argument("--ledger", help="the quota database (default: under ZEROGPU_DATA_DIR)")
-    parser.add_argument("--heartbeat-timeout", type=float, default=HEARTBEAT_TIMEOUT,
-                        help="seconds of silence after which a client's leases come back "
-                             "(clients speak at least every second: keep it at 3 or more)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s zerogpu-daemon %(levelname)s %(message)s")
-    try:
-        policy = Policy(daily_quota=settings.tier_seconds(args.quota, "--quota"),
-                        max_duration=settings.tier_seconds(args.max_duration, "--max-duration"),
-                        large_per_gpu=args.large_per_gpu, aging=args.aging)
-        serve(args.socket, policy=policy, ledger_path=args.ledger, heartbeat_timeout=args.heartbeat_timeout,
-              ready=lambda daemon: print(f"ready {daemon.socket_path}", flush=True))
-    except ZeroGPUError as error:
-        print(f"zerogpu daemon: {error}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
