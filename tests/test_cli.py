@@ -334,6 +334,17 @@ def test_run_shows_the_script_traceback_as_python_does(env):
     assert under_zerogpu.stderr.startswith(f'Traceback (most recent call last):\n  File "{script}", line 4')
 
 
+def test_run_of_an_app_folder_runs_its_main_as_python_does(env):
+    app = env.tmp / "app"
+    app.mkdir()
+    (app / "helper.py").write_text("GREETING = 'hello from the folder'\n")
+    (app / "__main__.py").write_text("import helper\nprint(helper.GREETING)\n")
+    under_zerogpu = run_command([*zerogpu_command(), "run", str(app)], env)
+    plain = run_command([sys.executable, str(app)], env)
+    assert under_zerogpu.returncode == plain.returncode == 0, under_zerogpu.stderr
+    assert under_zerogpu.stdout == plain.stdout == "hello from the folder\n"
+
+
 def test_run_of_a_missing_script_says_so_as_python_does(env):
     missing = env.tmp / "missing.py"
     done = run_command([*zerogpu_command(), "run", str(missing)], env)

@@ -82,7 +82,7 @@ WARM_IDLE = 600.0  # seconds a warm worker waits for the next call while the ben
 # Outputs this close count as the same: kernels may sum in another order on another device.
 RTOL, ATOL = 1e-4, 1e-6
 
-PHASES = ("queue", "fork", "attach", "restore", "run", "return")
+PHASES = ("queue", "fork", "attach", "restore", "run", "return", "release")
 ALTERNATIVES = {
     "in_process": "in-process, model in place",
     "to_device": "model.to(device) per call",
@@ -402,9 +402,10 @@ def environment(name: str, value: str) -> Iterator[None]:
 def timed_call(function: Callable, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
     """One call of a decorated function, driven as the decorator does, with its phases.
 
-    `total` is what the caller waits; `release` the reaping of the worker (or
-    its parking) and the lease's release after the result arrived; `other`
-    whatever the phases leave (pickling the arguments, messages in flight).
+    `total` is what the caller waits; the phases are the call's own (see
+    Call.phases; `release` is the reaping of the worker, or its parking, and
+    the lease's release); `other` whatever they leave (pickling the
+    arguments, messages in flight).
     """
     from .call import Call
 
@@ -419,13 +420,11 @@ def timed_call(function: Callable, x: torch.Tensor) -> tuple[torch.Tensor, dict[
                 result, returned = value, time.perf_counter()
                 break
     finally:
-        messages.close()
-        call.close()
+        messages.close()  # ends the call
     ended = time.perf_counter()
     if returned is None:
         raise AssertionError("a call ended without a result")  # pragma: no cover - Call raises instead
     phases = {name: call.phases[name] for name in PHASES if name in call.phases}
-    phases["release"] = ended - returned
     phases["other"] = (ended - started) - sum(phases.values())
     # A warm call is served by a worker that was already running: it has no fork.
     figures: dict[str, Any] = {"total": ended - started, "warm": "fork" not in phases, "phases": phases}

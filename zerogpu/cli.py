@@ -9,6 +9,7 @@ import os
 import runpy
 import sys
 import traceback
+import zipfile
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -103,7 +104,7 @@ def run_script(script: str, args: list[str]) -> int:
     """
     from . import runtime, spaces
 
-    if not os.path.isfile(script):
+    if not os.path.exists(script):
         # Python's own words for a missing script, and its exit code.
         typer.echo(f"zerogpu run: can't open file {os.path.abspath(script)!r}: "
                    "[Errno 2] No such file or directory", err=True)
@@ -113,10 +114,11 @@ def run_script(script: str, args: list[str]) -> int:
     except ZeroGPUError as error:
         fail("run", error)
     spaces.install()
-    # As Python does: argv[0] as given, __file__ absolute, the script's folder first on the path.
+    # As Python does: argv[0] as given, __file__ absolute, the script's folder (or the
+    # app's, for a folder or zip file with a __main__.py) first on the path.
     path = os.path.abspath(script)
     sys.argv = [script, *args]
-    sys.path.insert(0, os.path.dirname(path))
+    sys.path.insert(0, path if not os.path.isfile(path) or zipfile.is_zipfile(path) else os.path.dirname(path))
     try:
         runpy.run_path(path, run_name="__main__")
     except SystemExit:
@@ -167,7 +169,7 @@ def info(as_json: Annotated[bool, typer.Option("--json", help="print the facts a
     else:
         console.print(f"CUDA driver: {driver['library']} not found ({driver['error']})")
     shm = facts["shm"]
-    console.print(f"/dev/shm: {shm['free'] / 2**30:.1f} GiB free of {shm['total'] / 2**30:.1f} GiB")
+    console.print(f"/dev/shm: {describe_size(shm['free'])} free of {describe_size(shm['total'])}")
     build = facts["extension"]
     console.print(f"copy engine: built {build['build_type']} by {build['compiler']}, "
                   f"C++{build['cxx_standard'] // 100 % 100}, nanobind {build['nanobind']}")
@@ -221,7 +223,6 @@ def serve(
 ) -> None:
     """Run the node daemon: one scheduler for every zerogpu app of this machine, until Ctrl-C."""
     from . import daemon, settings
-    from .policy import Policy
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s zerogpu-daemon %(levelname)s %(message)s")
     try:
