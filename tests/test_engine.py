@@ -20,6 +20,7 @@ from zerogpu import engine as zengine
 from zerogpu._ext import _engine
 from zerogpu.engine import STRATEGIES, EmulatedFaults, Engine, restore_snapshot
 from zerogpu.errors import CudaError, CudaUnavailable, InvalidArgument
+from zerogpu.snapshot import Snapshot
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -535,6 +536,21 @@ def test_restore_snapshot_without_an_engine_makes_and_closes_one():
     assert live()["streams"] == live()["host_allocations"] == 0
     del buffer, views
     assert live() == NOTHING_LIVE
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_real_snapshot_attached_read_only_restores_exactly_with_every_strategy(engine, strategy):
+    # What a worker does: the snapshot is a read-only mapping of another's segment.
+    tensors = sample_tensors()
+    with Snapshot.pack(tensors) as packed, Snapshot.attach(packed.name) as attached:
+        buffer, views, stats = restore_snapshot(attached, "cpu", engine=engine, strategy=strategy,
+                                                chunk_bytes=4096, threads=2)
+        assert stats.strategy == strategy and stats.nbytes == attached.nbytes
+        for name, original in tensors.items():
+            assert views[name].stride() == original.stride(), name
+            assert torch.equal(views[name], original), name
+        del buffer, views
+    assert live()["allocations"] == live()["registrations"] == 0
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)

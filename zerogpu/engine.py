@@ -207,10 +207,6 @@ class Engine:
         return self._device.name
 
     @property
-    def total_memory(self) -> int:
-        return self._device.total_memory
-
-    @property
     def closed(self) -> bool:
         return self._engine.closed
 
@@ -297,11 +293,6 @@ class Engine:
                 2,
                 "CUDA_ERROR_OUT_OF_MEMORY",
             ) from exc
-
-    def mem_get_info(self) -> tuple[int, int]:
-        """(free, total) device memory in bytes."""
-        self._require_usable()
-        return self._engine.mem_get_info()
 
     def close(self) -> None:
         """Destroy the engine's streams and staging ring; later calls raise InvalidArgument."""

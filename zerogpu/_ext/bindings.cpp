@@ -249,7 +249,6 @@ NB_MODULE(_engine, m) {
       .def("copy_to_host", [](Engine& e, uintptr_t dst, uintptr_t src, size_t nbytes) {
             e.copy_to_host(host_pointer(dst), src, nbytes);
           }, "dst"_a, "src"_a, "nbytes"_a, Release())
-      .def("mem_get_info", &Engine::mem_get_info, Release(), "(free, total) device memory in bytes.")
       .def_prop_ro("device", &Engine::device)
       .def_prop_ro("closed", &Engine::closed)
       .def("close", &Engine::close, Release());

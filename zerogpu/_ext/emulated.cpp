@@ -327,26 +327,27 @@ void configure(int devices) {
 namespace zerogpu {
 using emulated::state;
 
+namespace {
+// cuGetErrorName and cuGetErrorString differ only in the field they give.
+CUresult describe_error(CUresult error, const char** pStr, const char* emulated::ErrorText::*field) {
+  const auto* entry = emulated::error_text(error);
+  if (pStr == nullptr || entry == nullptr) {
+    if (pStr) *pStr = nullptr;
+    return CUDA_ERROR_INVALID_VALUE;
+  }
+  *pStr = entry->*field;
+  return CUDA_SUCCESS;
+}
+}  // namespace
+
 extern "C" {
 
 CUresult zgemu_cuGetErrorName(CUresult error, const char** pStr) {
-  const auto* entry = emulated::error_text(error);
-  if (pStr == nullptr || entry == nullptr) {
-    if (pStr) *pStr = nullptr;
-    return CUDA_ERROR_INVALID_VALUE;
-  }
-  *pStr = entry->name;
-  return CUDA_SUCCESS;
+  return describe_error(error, pStr, &emulated::ErrorText::name);
 }
 
 CUresult zgemu_cuGetErrorString(CUresult error, const char** pStr) {
-  const auto* entry = emulated::error_text(error);
-  if (pStr == nullptr || entry == nullptr) {
-    if (pStr) *pStr = nullptr;
-    return CUDA_ERROR_INVALID_VALUE;
-  }
-  *pStr = entry->text;
-  return CUDA_SUCCESS;
+  return describe_error(error, pStr, &emulated::ErrorText::text);
 }
 
 CUresult zgemu_cuInit(unsigned int Flags) {

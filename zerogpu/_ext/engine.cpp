@@ -30,6 +30,11 @@ double seconds_since(Clock::time_point start) {
 
 size_t ceil_div(size_t a, size_t b) { return (a + b - 1) / b; }
 
+// The copy threads for `chunks` pieces: as many as asked, but no idle ones.
+int workers_for(const RestoreOptions& options, size_t chunks) {
+  return static_cast<int>(std::min<size_t>(static_cast<size_t>(options.threads), chunks));
+}
+
 }  // namespace
 
 // The first error of a restore, from whichever thread saw it; the others
@@ -317,10 +322,10 @@ RestoreReport Engine::restore(const void* src, CUdeviceptr dst, size_t nbytes,
       report.register_seconds = copy_registered(from, dst, nbytes, options, failure);
       break;
     case Strategy::staging: {
-      const size_t chunks = ceil_div(nbytes, options.chunk_bytes);
-      const size_t threads = std::min<size_t>(static_cast<size_t>(options.threads), chunks);
-      report.setup_seconds += prepare_ring(threads * kSlotsPerWorker * options.chunk_bytes);
-      copy_staged(from, dst, nbytes, options, failure);
+      // The ring has kSlotsPerWorker slots for each worker: the count is made once, here.
+      const int workers = workers_for(options, ceil_div(nbytes, options.chunk_bytes));
+      report.setup_seconds += prepare_ring(static_cast<size_t>(workers) * kSlotsPerWorker * options.chunk_bytes);
+      copy_staged(from, dst, nbytes, options, workers, failure);
       break;
     }
   }
@@ -344,8 +349,7 @@ void Engine::copy_pageable(const char* src, CUdeviceptr dst, size_t nbytes,
   const size_t chunk = options.chunk_bytes;
   const size_t chunks = ceil_div(nbytes, chunk);
   std::atomic<size_t> next{0};
-  const int threads = static_cast<int>(std::min<size_t>(static_cast<size_t>(options.threads), chunks));
-  run_workers(*device_, threads, failure, [&](int) {
+  run_workers(*device_, workers_for(options, chunks), failure, [&](int) {
     for (size_t i = 0; !failure.happened() && (i = next++) < chunks;) {
       const size_t offset = i * chunk;
       device_->check(
@@ -370,8 +374,7 @@ double Engine::copy_registered(const char* src, CUdeviceptr dst, size_t nbytes,
   std::atomic<size_t> next{0};
   std::mutex timing;
   double register_seconds = 0;
-  const int threads = static_cast<int>(std::min<size_t>(static_cast<size_t>(options.threads), chunks));
-  run_workers(*device_, threads, failure, [&](int) {
+  run_workers(*device_, workers_for(options, chunks), failure, [&](int) {
     RegisteredChunks registered(*device_, failure);
     try {
       for (size_t i = 0; !failure.happened() && (i = next++) < chunks;) {
@@ -399,13 +402,12 @@ double Engine::copy_registered(const char* src, CUdeviceptr dst, size_t nbytes,
 }
 
 void Engine::copy_staged(const char* src, CUdeviceptr dst, size_t nbytes,
-                         const RestoreOptions& options, FirstFailure& failure) {
+                         const RestoreOptions& options, int workers, FirstFailure& failure) {
   const size_t chunk = options.chunk_bytes;
   const size_t chunks = ceil_div(nbytes, chunk);
   std::atomic<size_t> next{0};
   auto* ring = static_cast<char*>(ring_->address());
-  const int threads = static_cast<int>(std::min<size_t>(static_cast<size_t>(options.threads), chunks));
-  run_workers(*device_, threads, failure, [&](int worker) {
+  run_workers(*device_, workers, failure, [&](int worker) {
     StagingSlots slots(*device_, ring + static_cast<size_t>(worker) * kSlotsPerWorker * chunk, chunk);
     CUstream stream = streams_[static_cast<size_t>(worker % options.streams)];
     try {
@@ -447,16 +449,6 @@ void Engine::copy_to_host(void* dst, CUdeviceptr src, size_t nbytes) {
   require_open();
   device_->make_current();
   device_->check(device_->api().cuMemcpyDtoH_v2(dst, src, nbytes), "cuMemcpyDtoH_v2");
-}
-
-std::pair<size_t, size_t> Engine::mem_get_info() {
-  std::lock_guard lock(mutex_);
-  require_open();
-  device_->make_current();
-  size_t free = 0;
-  size_t total = 0;
-  device_->check(device_->api().cuMemGetInfo_v2(&free, &total), "cuMemGetInfo_v2");
-  return {free, total};
 }
 
 int64_t live_workers() { return workers_alive.load(); }

@@ -62,7 +62,6 @@ class Engine {
   double copy_plain(const void* src, CUdeviceptr dst, size_t nbytes);
   void copy_to_host(void* dst, CUdeviceptr src, size_t nbytes);
   // Free and total device memory, in bytes.
-  std::pair<size_t, size_t> mem_get_info();
 
   // Destroys the streams and frees the ring; waits for a restore under way.
   void close();
@@ -78,7 +77,7 @@ class Engine {
   double copy_registered(const char* src, CUdeviceptr dst, size_t nbytes,
                          const RestoreOptions& options, FirstFailure& failure);
   void copy_staged(const char* src, CUdeviceptr dst, size_t nbytes,
-                   const RestoreOptions& options, FirstFailure& failure);
+                   const RestoreOptions& options, int workers, FirstFailure& failure);
 
   std::mutex mutex_;
   std::shared_ptr<DeviceContext> device_;
