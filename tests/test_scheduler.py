@@ -458,6 +458,52 @@ def test_a_cancelled_call_leaves_the_queue_at_once(make):
     assert scheduler.status()["queue"] == [] and scheduler.ledger.balance(FREE).reserved == 0
 
 
+class Interrupting:
+    """A cancel event whose first look raises KeyboardInterrupt, as Ctrl-C in a waiting caller does."""
+
+    def __init__(self, before=None):
+        self.before = before
+
+    def is_set(self):
+        if self.before is not None:
+            self.before()
+        raise KeyboardInterrupt
+
+
+def test_an_interrupted_wait_leaves_the_queue_and_holds_nothing(make):
+    scheduler = make(1, large_per_gpu=1)
+    running = scheduler.acquire(large(), timeout=0)
+    with pytest.raises(KeyboardInterrupt):
+        scheduler.acquire(large(FREE, 30), timeout=30, cancel=Interrupting())
+    assert scheduler.status()["queue"] == [] and scheduler.ledger.balance(FREE).reserved == 0
+    scheduler.release(running, used=0.1)
+    assert scheduler.status()["leases"] == [] and scheduler.ledger.reservations() == []
+
+
+def test_a_lease_granted_as_the_wait_is_interrupted_is_given_back(make):
+    scheduler = make(1, large_per_gpu=1)
+    running = scheduler.acquire(large(), timeout=0)
+    # The GPU frees up, and the waiting call is served, just before Ctrl-C lands.
+    interrupting = Interrupting(before=lambda: scheduler.release(running, used=0.1))
+    with pytest.raises(KeyboardInterrupt):
+        scheduler.acquire(large(FREE, 30), timeout=30, cancel=interrupting)
+    assert scheduler.status()["leases"] == [] and scheduler.ledger.reservations() == []
+    assert scheduler.ledger.balance(FREE).used == 0
+
+
+def test_a_release_whose_charge_fails_frees_the_lease_instead_of_parking_it(make, monkeypatch):
+    scheduler = make(1)
+    lease = scheduler.acquire(large(FREE, 60), timeout=0)
+
+    def failing(*args, **kwargs):
+        raise SchedulerError("the quota ledger failed: disk I/O error")
+
+    monkeypatch.setattr(scheduler.ledger, "settle", failing)
+    with pytest.raises(SchedulerError):
+        scheduler.release(lease, used=1.0, park=lambda: None)
+    assert scheduler.status()["leases"] == []  # not parked with a worker about to be killed
+
+
 def test_expire_ends_submitted_calls_past_their_timeout(make):
     clock = Clock()
     scheduler = make(1, large_per_gpu=1, clock=clock)

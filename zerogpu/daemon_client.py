@@ -205,13 +205,16 @@ class DaemonClient(Scheduler):
         cancelled = False
         # The daemon answers a cancelled call with Cancelled, or with its lease
         # if it was served first (then the caller sees its cancel itself).
-        while not waiting.event.wait(CANCEL_POLL if cancel is not None and not cancelled else 0.5):
-            if cancel is not None and cancel.is_set() and not cancelled:
-                cancelled = True
-                link.send({"op": "cancel", "target": waiting.rid}, on_reply=ignore)
-            if time.monotonic() > deadline:
-                self._abandon(link, waiting)
-                raise SchedulerError(f"the node daemon did not answer within {timeout + ANSWER_GRACE:g} s")
+        try:
+            while not waiting.event.wait(CANCEL_POLL if cancel is not None and not cancelled else 0.5):
+                if cancel is not None and cancel.is_set() and not cancelled:
+                    cancelled = True
+                    link.send({"op": "cancel", "target": waiting.rid}, on_reply=ignore)
+                if time.monotonic() > deadline:
+                    raise SchedulerError(f"the node daemon did not answer within {timeout + ANSWER_GRACE:g} s")
+        except BaseException:
+            self._abandon(link, waiting)  # also when interrupted (Ctrl-C): a late lease goes back
+            raise
         wire = self._answer(waiting)["lease"]
         lease = Lease(wire["id"], link.devices[wire["device"]], wire["slot"], wire["memory_fraction"],
                       request, wire["warm"])

@@ -211,17 +211,26 @@ class EmbeddedScheduler(Scheduler):
             return waiter.lease
         done = waiter.done
         deadline = time.monotonic() + timeout
-        while not done.is_set():
-            left = deadline - time.monotonic()
-            if cancel is not None and cancel.is_set():
-                reason: BaseException = Cancelled(f"{describe(request)} left the GPU queue: its caller gave up")
-            elif left <= 0:
-                reason = self._no_gpu(request, timeout)
-            else:
-                done.wait(min(left, CANCEL_POLL) if cancel is not None else left)
-                continue
-            if not self.withdraw(waiter, reason):
-                done.wait()  # served meanwhile: its lease is being recorded
+        try:
+            while not done.is_set():
+                left = deadline - time.monotonic()
+                if cancel is not None and cancel.is_set():
+                    reason: BaseException = Cancelled(f"{describe(request)} left the GPU queue: its caller gave up")
+                elif left <= 0:
+                    reason = self._no_gpu(request, timeout)
+                else:
+                    done.wait(min(left, CANCEL_POLL) if cancel is not None else left)
+                    continue
+                if not self.withdraw(waiter, reason):
+                    done.wait()  # served meanwhile: its lease is being recorded
+        except BaseException:
+            # Interrupted while waiting (Ctrl-C): leave the queue, or give back
+            # the lease that came meanwhile, which nobody would release.
+            if not self.withdraw(waiter, Cancelled(f"{describe(request)} was interrupted while it waited")):
+                done.wait()
+                if waiter.error is None:
+                    self.release(waiter.lease, used=0.0, charge=False)
+            raise
         if waiter.error is not None:
             raise waiter.error
         return waiter.lease
@@ -312,11 +321,14 @@ class EmbeddedScheduler(Scheduler):
             if held is None or held.state != RUNNING:
                 raise SchedulerError(f"lease {lease.id} is not running here: was it released twice?")
             held.state = RELEASING
+        settled = False
         try:
             self._settle(lease.id, used if charge else None)
+            settled = True
         finally:
             with self._lock:
-                if park is not None and not self._closed and self._held.get(lease.id) is held:
+                # Parked only once its charge is recorded: a failed release frees the lease.
+                if settled and park is not None and not self._closed and self._held.get(lease.id) is held:
                     held.state = PARKED
                     held.park = park
                     held.since = self.clock()
