@@ -55,8 +55,8 @@ def measure_overhead(repeat: int, model_bytes: int) -> dict:
     import torch
 
     import zerogpu
-    from zerogpu.call import Call
-    from zerogpu.warm import pool
+    from zerogpu.call.call import Call
+    from zerogpu.call.warm import pool
 
     model = build_model(model_bytes)
     x = torch.randn(1, model[0].in_features)
@@ -108,7 +108,7 @@ def probe_fork(nbytes: int, packed: bool) -> None:
     import psutil
 
     import zerogpu
-    from zerogpu import worker
+    from zerogpu.call import worker
 
     model = build_model(nbytes)
     model.to("cuda")

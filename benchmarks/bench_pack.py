@@ -48,7 +48,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from zerogpu.snapshot import Snapshot
+from zerogpu.snapshot.snapshot import Snapshot
 
 from report import machine, size_argument
 

@@ -38,8 +38,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from zerogpu import engine as zengine
-from zerogpu.engine import STRATEGIES, Engine
+from zerogpu.cuda import engine as zengine
+from zerogpu.cuda.engine import STRATEGIES, Engine
 
 from report import describe_size, machine, size_argument
 

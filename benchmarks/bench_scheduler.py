@@ -42,13 +42,13 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from zerogpu.daemon_client import DaemonClient
-from zerogpu.devices import emulated_devices
+from zerogpu.schedule.client import DaemonClient
+from zerogpu.cuda.devices import emulated_devices
 from zerogpu.errors import QuotaExceeded
 from zerogpu.identity import TIERS, Identity
-from zerogpu.policy import DAILY_QUOTA, SIZE_WEIGHT, Policy
-from zerogpu.quota import QuotaLedger
-from zerogpu.scheduler import EmbeddedScheduler, LeaseRequest, Waiter
+from zerogpu.schedule.policy import DAILY_QUOTA, SIZE_WEIGHT, Policy
+from zerogpu.schedule.quota import QuotaLedger
+from zerogpu.schedule.scheduler import EmbeddedScheduler, LeaseRequest, Waiter
 
 GPUS = 4
 ROOMY = Policy(daily_quota={tier: 1e12 for tier in TIERS})
@@ -87,9 +87,9 @@ def embedded_rate(folder: Path, pairs: int, threads: int) -> float:
 
 CLIENT_LOOP = textwrap.dedent("""
     import sys, time
-    from zerogpu.daemon_client import DaemonClient
+    from zerogpu.schedule.client import DaemonClient
     from zerogpu.identity import Identity
-    from zerogpu.scheduler import LeaseRequest
+    from zerogpu.schedule.scheduler import LeaseRequest
     client = DaemonClient(sys.argv[1])
     request = LeaseRequest(Identity("bench", "pro"), 30.0)
     for _ in range(200):

@@ -11,7 +11,7 @@ is where its pages are first touched). Medians over the repeats; each path's
 first delivery is checked bit for bit.
 
 Paths:
-  zerogpu.transport  Channel.send / Channel.recv (shared memory from 4 MB up)
+  zerogpu.call.transport  Channel.send / Channel.recv (shared memory from 4 MB up)
   pickle in frame    torch's own pickling (cloudpickle), bytes through the same socket
   memcpy             numpy.copyto of the same bytes in one process: one copy, no IPC
 
@@ -37,8 +37,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from zerogpu import transport
-from zerogpu.transport import Channel
+from zerogpu.call import transport
+from zerogpu.call.transport import Channel
 
 from report import describe_size, machine, size_argument
 
@@ -57,7 +57,7 @@ def serve(channel: Channel, size: int, path: str) -> None:
             return
         if request != "send":
             return
-        if path == "zerogpu.transport":
+        if path == "zerogpu.call.transport":
             channel.send(tensor, to_device=False)
         else:
             channel.send_bytes(cloudpickle.dumps(tensor, protocol=pickle.HIGHEST_PROTOCOL))
@@ -85,7 +85,7 @@ def measure_path(size: int, path: str, repeat: int) -> dict:
         for _ in range(repeat + 1):  # the first round checks the bits and warms up; it is not timed
             started = time.perf_counter()
             caller.send("send", to_device=False)
-            if path == "zerogpu.transport":
+            if path == "zerogpu.call.transport":
                 result = caller.recv(timeout=600)
             else:
                 result = pickle.loads(caller.recv_bytes(timeout=600))
@@ -138,7 +138,7 @@ def measure_objects(repeat: int) -> list[dict]:
     message = {f"key {i}": [i, f"value {i}", (i * 0.5, None)] for i in range(10_000)}
     rows = []
     for name, dump, load in (
-        ("zerogpu.transport", lambda: transport.dumps(message, to_device=False), transport.loads),
+        ("zerogpu.call.transport", lambda: transport.dumps(message, to_device=False), transport.loads),
         ("cloudpickle", lambda: cloudpickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL), pickle.loads),
     ):
         dumped, loaded = [], []
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for size in sizes:
         console.print(f"measuring {describe_size(size)} ...")
-        for path in ("zerogpu.transport", "pickle in frame"):
+        for path in ("zerogpu.call.transport", "pickle in frame"):
             results.append(measure_path(size, path, args.repeat))
         results.append(measure_memcpy(size, args.repeat))
     objects = measure_objects(args.repeat)

@@ -11,7 +11,7 @@ import torch
 try:
     import spaces  # on ZeroGPU, and under `zerogpu run`
 except ImportError:  # anywhere else: the same API, doing nothing
-    from zerogpu import spaces
+    from zerogpu.integrations import spaces
 
 LABELS = ["cat", "dog", "bird", "fish"]
 device = "cuda" if torch.cuda.is_available() else "cpu"

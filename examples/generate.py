@@ -17,7 +17,7 @@ import transformers
 try:
     import spaces  # on ZeroGPU, and under `zerogpu run`
 except ImportError:  # anywhere else: the same API, doing nothing
-    from zerogpu import spaces
+    from zerogpu.integrations import spaces
 
 VOCABULARY = string.ascii_lowercase + " .,"
 device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,4 +1,4 @@
-"""Fixtures shared by every test: nothing a test starts may outlive it."""
+"""Fixtures shared by every test: nothing a test starts may outlive it, and one emulated environment."""
 
 from __future__ import annotations
 
@@ -82,3 +82,38 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "allow_leaks: the test checks leaks itself")
+
+
+# -- the emulated environment -------------------------------------------------------------
+
+
+def emulated_environment(monkeypatch, tmp_path) -> None:
+    """The environment of a zerogpu process in the tests: emulated, a private quota file, no faults.
+
+    Quotas are raised so that the many calls of one test never run out; a test
+    of quotas sets its own.
+    """
+    monkeypatch.setenv("ZEROGPU_BACKEND", "emulated")
+    monkeypatch.setenv("ZEROGPU_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("ZEROGPU_QUOTA", "anonymous=100000")
+    for name in ("ZEROGPU", "ZEROGPU_SCHEDULER", "ZEROGPU_IDLE_TIMEOUT", "ZEROGPU_EMULATED_FAULTS"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def gpu(tmp_path, monkeypatch):
+    """zerogpu enabled in this process on two emulated GPUs; no lease may outlive the test."""
+    import zerogpu
+    from zerogpu import runtime
+    from zerogpu.schedule.scheduler import scheduler
+
+    emulated_environment(monkeypatch, tmp_path)
+    monkeypatch.setenv("ZEROGPU_EMULATED_GPUS", "2")
+    monkeypatch.setenv("ZEROGPU_TIMEOUT_GRACE", "0.3")
+    zerogpu.enable()
+    try:
+        yield zerogpu
+        leases = scheduler().status()["leases"]
+        assert not leases, f"leases outlived the test: {leases}"
+    finally:
+        runtime.disable()

@@ -24,7 +24,9 @@ from typer.testing import CliRunner
 
 from zerogpu import bench, runtime
 from zerogpu.cli import app
-from zerogpu.engine import STRATEGIES
+from zerogpu.cuda.engine import STRATEGIES
+
+from conftest import emulated_environment
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -35,18 +37,10 @@ WARM_PHASES = {"queue", "run", "return", "release", "other"}
 @pytest.fixture
 def env(tmp_path, monkeypatch):
     """The environment of a zerogpu process here: emulated, private quota file, own temporary folder."""
+    emulated_environment(monkeypatch, tmp_path)
     scratch = tmp_path / "tmp"
     scratch.mkdir()
-    values = {
-        "ZEROGPU_BACKEND": "emulated",
-        "ZEROGPU_DATA_DIR": str(tmp_path / "data"),
-        "ZEROGPU_QUOTA": "anonymous=100000",
-        "TMPDIR": str(scratch),
-    }
-    for name in ("ZEROGPU", "ZEROGPU_SCHEDULER", "ZEROGPU_IDLE_TIMEOUT", "ZEROGPU_EMULATED_FAULTS"):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in values.items():
-        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("TMPDIR", str(scratch))
     # tempfile remembers the folder it chose first; make it choose again.
     monkeypatch.setattr(tempfile, "tempdir", None)
     yield SimpleNamespace(scratch=scratch, tmp=tmp_path, environ=dict(os.environ))
@@ -294,7 +288,7 @@ def test_run_enables_zerogpu_before_the_script_and_passes_its_arguments(env):
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == [
         "__main__ True ['--port', '7860', '-v']",
-        "zerogpu.spaces True True cuda:0",
+        "zerogpu.integrations.spaces True True cuda:0",
         "True [0, 1, 4, 9] found next to the script",
     ]
 

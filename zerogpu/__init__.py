@@ -1,6 +1,6 @@
 """zerogpu: share GPUs between Python apps; a decorated function holds a GPU only while it runs."""
 
-from .decorator import GPU
+from .call.decorator import GPU
 from .errors import *  # noqa: F401,F403
 from .errors import __all__ as _errors
 from .identity import identity

@@ -56,7 +56,8 @@ import torch
 from rich.table import Table
 from safetensors.torch import load_file, save_file
 
-from . import segments, units
+from .snapshot import segments
+from . import units
 from .units import describe_size
 from .errors import InvalidArgument
 
@@ -143,7 +144,8 @@ def parse_repeat(text: str | int) -> int:
 
 def plan(size: str, repeat: str | int, json_path: str | os.PathLike | None = None) -> Plan:
     """Check the arguments and this machine's room for them; InvalidArgument says what is wrong."""
-    from . import devices, runtime
+    from .cuda import devices
+    from . import runtime
 
     nbytes = parse_size(size)
     repeat = parse_repeat(repeat)
@@ -407,7 +409,7 @@ def timed_call(function: Callable, x: torch.Tensor) -> tuple[torch.Tensor, dict[
     the lease's release); `other` whatever they leave (pickling the
     arguments, messages in flight).
     """
-    from .call import Call
+    from .call.call import Call
 
     started = time.perf_counter()
     call = Call(function.zerogpu, (x,), {})
@@ -462,10 +464,11 @@ def measure_zerogpu(plan: Plan, model: Stack, x: torch.Tensor, ledger: Path,
     """Pack, cold calls and warm calls through the runtime; leaves zerogpu disabled again."""
     import zerogpu
 
-    from . import devices, runtime
-    from .policy import Policy
-    from .quota import QuotaLedger
-    from .scheduler import EmbeddedScheduler, use_scheduler
+    from .cuda import devices
+    from . import runtime
+    from .schedule.policy import Policy
+    from .schedule.quota import QuotaLedger
+    from .schedule.scheduler import EmbeddedScheduler, use_scheduler
 
     # The decorator keeps the functions it decorated for the life of the process; holding
     # the model through this dict, emptied below, lets its snapshot go when the bench is done.
@@ -523,8 +526,8 @@ def measure_zerogpu(plan: Plan, model: Stack, x: torch.Tensor, ledger: Path,
 def measure_strategies(plan: Plan, weights_file: Path, shape: Stack, x: torch.Tensor, reference: torch.Tensor,
                        say: Callable[[str], None]) -> dict[str, Any]:
     """Each copy-engine strategy restoring the same snapshot into one device buffer."""
-    from .engine import STRATEGIES, Engine
-    from .snapshot import Snapshot
+    from .cuda.engine import STRATEGIES, Engine
+    from .snapshot.snapshot import Snapshot
 
     seconds: dict[str, list[float]] = {strategy: [] for strategy in STRATEGIES}
     verdicts: dict[str, str] = {}

@@ -18,10 +18,10 @@ from rich.console import Console
 from rich.table import Table
 
 from . import bench as measure
-from . import segments
-from .daemon import HEARTBEAT_TIMEOUT
+from .snapshot import segments
+from .schedule.daemon import HEARTBEAT_TIMEOUT
 from .errors import InvalidArgument, ZeroGPUError
-from .policy import DEFAULT_AGING, Policy
+from .schedule.policy import DEFAULT_AGING, Policy
 from .units import describe_size
 
 app = typer.Typer(
@@ -102,7 +102,8 @@ def run_script(script: str, args: list[str]) -> int:
     zerogpu is imported and enabled first, so no import order in the script can
     initialize CUDA before the emulation is in place. SystemExit passes through.
     """
-    from . import runtime, spaces
+    from . import runtime
+    from .integrations import spaces
 
     if not os.path.exists(script):
         # Python's own words for a missing script, and its exit code.
@@ -178,9 +179,10 @@ def info(as_json: Annotated[bool, typer.Option("--json", help="print the facts a
 def gather_info() -> dict[str, Any]:
     import torch
 
-    from . import devices, runtime, settings
-    from ._ext import _engine
-    from .engine import driver_info
+    from .cuda import devices
+    from . import runtime, settings
+    from .cuda._ext import _engine
+    from .cuda.engine import driver_info
 
     try:
         chosen = settings.backend()
@@ -222,7 +224,8 @@ def serve(
     = HEARTBEAT_TIMEOUT,
 ) -> None:
     """Run the node daemon: one scheduler for every zerogpu app of this machine, until Ctrl-C."""
-    from . import daemon, settings
+    from .schedule import daemon
+    from . import settings
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s zerogpu-daemon %(levelname)s %(message)s")
     try:
@@ -242,8 +245,8 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="print the state as JSON")] = False,
 ) -> None:
     """The GPUs, the leases, the queue and each identity's quota left today."""
-    from .status import render_status
-    from .status import status as read_status
+    from .schedule.status import render_status
+    from .schedule.status import status as read_status
 
     try:
         state = read_status(socket)

@@ -11,7 +11,10 @@ import contextlib
 import threading
 from typing import Callable
 
-from . import emulation, packing, segments, settings, transport
+from .cuda import emulation
+from .snapshot import packing, segments
+from . import settings
+from .call import transport
 from .errors import InvalidArgument
 from .progress import bytes_progress
 
@@ -51,7 +54,7 @@ def enable() -> None:
         if _enabled:
             return
         # The engine is imported here, once, so that workers inherit it instead of importing it per call.
-        from . import devices, engine  # noqa: F401
+        from .cuda import devices, engine  # noqa: F401
 
         backend = choose_backend()
         first = devices.discover(backend)[0]
@@ -71,8 +74,8 @@ def disable() -> None:
     been enabled. Meant for tests and for tools that enable zerogpu briefly.
     """
     global _enabled, _backend, _started, _looked
-    from .scheduler import reset_scheduler
-    from .warm import pool
+    from .schedule.scheduler import reset_scheduler
+    from .call.warm import pool
 
     with _lock:
         if not _enabled:
@@ -93,7 +96,7 @@ def disable() -> None:
 
 
 def choose_backend() -> str:
-    from . import devices
+    from .cuda import devices
 
     chosen = settings.backend()
     visible = devices.gpu_visible()

@@ -112,7 +112,7 @@ def scheduler_socket() -> str | None:
 
 
 def emulated_faults() -> str:
-    """ZEROGPU_EMULATED_FAULTS: faults the emulated engine injects, for tests (see zerogpu.engine)."""
+    """ZEROGPU_EMULATED_FAULTS: faults the emulated engine injects, for tests (see zerogpu.cuda.engine)."""
     return os.environ.get("ZEROGPU_EMULATED_FAULTS", "")
 
 

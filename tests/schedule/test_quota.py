@@ -1,0 +1,333 @@
+"""The quota ledger: admission, charges, days, concurrency, restarts, dead processes."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+import threading
+
+import pytest
+
+from zerogpu.errors import InvalidArgument, QuotaExceeded, SchedulerError
+from zerogpu.identity import ANONYMOUS, Identity
+from zerogpu.schedule.policy import Policy
+from zerogpu.schedule.quota import DAY, Owner, QuotaLedger, next_reset, spell_seconds, this_process
+
+FREE = Identity("ada", "free")
+PRO = Identity("grace", "pro")
+NOON = 20000 * DAY + DAY / 2  # a fixed UTC noon
+
+
+class Clock:
+    def __init__(self, now: float = NOON) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+@pytest.fixture
+def ledger(tmp_path, clock):
+    opened = QuotaLedger(tmp_path / "quota.sqlite3", clock=clock)
+    yield opened
+    opened.close()
+
+
+def test_defaults_follow_the_published_tiers():
+    policy = Policy()
+    assert dict(policy.daily_quota) == {"anonymous": 120.0, "free": 210.0, "pro": 1500.0}
+    assert dict(policy.max_duration) == dict(policy.daily_quota)
+
+
+def test_overrides_replace_only_the_tiers_named():
+    policy = Policy(daily_quota={"pro": 3600}, max_duration={"free": 60})
+    assert policy.daily_quota["pro"] == 3600 and policy.daily_quota["free"] == 210
+    assert policy.max_duration == {"anonymous": 120, "free": 60, "pro": 3600}
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"daily_quota": {"gold": 10}}, "unknown tier 'gold'"),
+    ({"daily_quota": {"free": -1}}, "positive number"),
+    ({"max_duration": {"pro": float("inf")}}, "positive number"),
+    ({"large_per_gpu": 0}, "at least 1"),
+    ({"aging": 0}, "aging"),
+])
+def test_bad_policies_are_refused(kwargs, message):
+    with pytest.raises(InvalidArgument, match=message):
+        Policy(**kwargs)
+
+
+def test_a_call_is_charged_what_it_used(ledger):
+    lease_id, left = ledger.admit(FREE, 60, "large", this_process())
+    assert left == 210
+    assert ledger.balance(FREE).reserved == 60
+    assert ledger.settle(lease_id, 12.5) == 12.5
+    balance = ledger.balance(FREE)
+    assert (balance.used, balance.reserved, balance.left) == (12.5, 0, 197.5)
+
+
+def test_an_xlarge_second_counts_as_two(ledger):
+    lease_id, _ = ledger.admit(PRO, 30, "xlarge", this_process())
+    assert ledger.balance(PRO).reserved == 60
+    assert ledger.settle(lease_id, 10) == 20
+    assert ledger.balance(PRO).used == 20
+
+
+def test_the_charge_stops_at_the_duration_asked_for(ledger):
+    lease_id, _ = ledger.admit(FREE, 10, "large", this_process())
+    assert ledger.settle(lease_id, 14.0) == 10
+    assert ledger.balance(FREE).used == 10
+
+
+def test_no_charge_means_none(ledger):
+    lease_id, _ = ledger.admit(FREE, 10, "large", this_process())
+    assert ledger.settle(lease_id, None) == 0
+    assert ledger.balance(FREE).used == 0 and ledger.balance(FREE).reserved == 0
+
+
+def test_settling_twice_charges_once(ledger):
+    lease_id, _ = ledger.admit(FREE, 10, "large", this_process())
+    ledger.settle(lease_id, 5)
+    assert ledger.settle(lease_id, 5) == 0
+    assert ledger.balance(FREE).used == 5
+
+
+def test_a_bad_used_value_is_refused(ledger):
+    lease_id, _ = ledger.admit(FREE, 10, "large", this_process())
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(InvalidArgument, match="used must be"):
+            ledger.settle(lease_id, bad)
+    assert ledger.balance(FREE).reserved == 10
+
+
+def test_what_running_calls_reserved_counts_against_admission(ledger):
+    first, _ = ledger.admit(FREE, 150, "large", this_process())
+    with pytest.raises(QuotaExceeded) as caught:
+        ledger.admit(FREE, 100, "large", this_process())
+    error = caught.value
+    assert (error.requested, error.left) == (100, 60)
+    assert error.retry_at == next_reset(NOON)
+    message = str(error)
+    for part in ("'ada' (free tier) asked for 100 s", "60 s of GPU quota left",
+                 "150 s held by running calls", "of 210 s", "when the running calls end",
+                 "00:00 UTC (in 12 h 0 min)"):
+        assert part in message
+    ledger.settle(first, 20)
+    ledger.admit(FREE, 100, "large", this_process())
+
+
+def test_exhausted_quota_comes_back_at_utc_midnight(ledger, clock):
+    lease_id, _ = ledger.admit(ANONYMOUS, 120, "large", this_process())
+    ledger.settle(lease_id, 120)
+    with pytest.raises(QuotaExceeded, match="resets at 00:00 UTC") as caught:
+        ledger.admit(ANONYMOUS, 1, "large", this_process())
+    assert caught.value.left == 0
+    clock.now = next_reset(NOON) + 1
+    assert ledger.balance(ANONYMOUS).used == 0
+    ledger.admit(ANONYMOUS, 120, "large", this_process())
+
+
+def test_a_call_is_charged_to_the_day_it_was_admitted(ledger, clock):
+    clock.now = next_reset(NOON) - 5
+    lease_id, _ = ledger.admit(FREE, 60, "large", this_process())
+    clock.now += 30
+    ledger.settle(lease_id, 30)
+    assert ledger.balance(FREE).used == 0  # the new day is untouched
+    clock.now -= 30
+    assert ledger.balance(FREE).used == 30
+
+
+def test_identities_of_different_tiers_are_apart(ledger):
+    lease_id, _ = ledger.admit(Identity("ada", "pro"), 100, "large", this_process())
+    ledger.settle(lease_id, 100)
+    assert ledger.balance(FREE).used == 0
+    assert [(b.identity, b.used) for b in ledger.balances()] == [(Identity("ada", "pro"), 100)]
+
+
+def test_usage_survives_a_restart(tmp_path, clock):
+    path = tmp_path / "quota.sqlite3"
+    first = QuotaLedger(path, clock=clock)
+    lease_id, _ = first.admit(FREE, 60, "large", this_process())
+    first.settle(lease_id, 42)
+    first.close()
+    second = QuotaLedger(path, clock=clock)
+    try:
+        assert second.balance(FREE).used == 42
+    finally:
+        second.close()
+
+
+def test_the_file_is_readable_by_its_owner_only(tmp_path):
+    path = tmp_path / "data" / "quota.sqlite3"
+    opened = QuotaLedger(path)
+    opened.close()
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(path.parent).st_mode) == 0o700
+
+
+def test_concurrent_threads_never_overspend(ledger):
+    admitted = []
+    refused = []
+
+    def call():
+        try:
+            admitted.append(ledger.admit(FREE, 10, "large", this_process())[0])
+        except QuotaExceeded:
+            refused.append(1)
+
+    threads = [threading.Thread(target=call) for _ in range(40)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(admitted) == 21 and len(refused) == 19
+    assert ledger.balance(FREE).reserved == 210
+
+
+ADMIT_SCRIPT = textwrap.dedent("""
+    import sys
+    from zerogpu.errors import QuotaExceeded
+    from zerogpu.identity import Identity
+    from zerogpu.schedule.quota import QuotaLedger, this_process
+    ledger = QuotaLedger(sys.argv[1])
+    admitted = 0
+    for _ in range(int(sys.argv[2])):
+        try:
+            lease_id, _ = ledger.admit(Identity("ada", "free"), 10, "large", this_process())
+        except QuotaExceeded:
+            continue
+        ledger.settle(lease_id, 10)
+        admitted += 1
+    print(admitted)
+""")
+
+
+def test_concurrent_processes_never_overspend(tmp_path):
+    path = tmp_path / "quota.sqlite3"
+    QuotaLedger(path).close()
+    procs = [
+        subprocess.Popen([sys.executable, "-c", ADMIT_SCRIPT, str(path), "12"], stdout=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
+    counts = [int(proc.communicate(timeout=60)[0]) for proc in procs]
+    assert sum(counts) == 21
+    check = QuotaLedger(path)
+    try:
+        assert check.balance(FREE).used == 210
+    finally:
+        check.close()
+
+
+HOLD_SCRIPT = textwrap.dedent("""
+    import sys, time
+    from zerogpu.identity import Identity
+    from zerogpu.schedule.quota import QuotaLedger, this_process
+    ledger = QuotaLedger(sys.argv[1])
+    ledger.admit(Identity("ada", "free"), 200, "large", this_process())
+    print("held", flush=True)
+    time.sleep(60)
+""")
+
+
+def test_reservations_of_a_dead_process_are_swept_uncharged(tmp_path):
+    path = tmp_path / "quota.sqlite3"
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_SCRIPT, str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        ledger = QuotaLedger(path)
+        try:
+            assert ledger.balance(FREE).reserved == 200
+            with pytest.raises(QuotaExceeded):
+                ledger.admit(FREE, 100, "large", this_process())
+        finally:
+            proc.kill()
+            proc.wait()
+        ledger.admit(FREE, 100, "large", this_process())  # sweeps the dead reservation
+        assert ledger.balance(FREE).used == 0
+        ledger.close()
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+
+
+def test_a_reused_pid_is_not_mistaken_for_its_predecessor():
+    me = this_process()
+    assert me.alive()
+    assert not Owner(me.pid, me.started - 100).alive()
+    assert not Owner(2**22 + 12345, 0.0).alive()
+
+
+def test_reservations_list_where_calls_run(ledger):
+    lease_id, _ = ledger.admit(PRO, 30, "large", this_process(), device=2, slot=1)
+    waiting, _ = ledger.admit(FREE, 20, "xlarge", this_process())
+    ledger.place(waiting, 3, None, new_id=77)
+    rows = {row.id: row for row in ledger.reservations()}
+    assert set(rows) == {lease_id, 77}
+    assert (rows[lease_id].device, rows[lease_id].slot, rows[lease_id].cost) == (2, 1, 30)
+    assert (rows[77].device, rows[77].slot, rows[77].cost, rows[77].size) == (3, None, 40, "xlarge")
+    assert rows[77].owner == this_process() and rows[77].holder == "embedded"
+
+
+def test_a_fixed_lease_id_cannot_be_admitted_twice(ledger):
+    ledger.admit(FREE, 10, "large", this_process(), lease_id=5)
+    with pytest.raises(SchedulerError, match="already admitted"):
+        ledger.admit(FREE, 10, "large", this_process(), lease_id=5)
+
+
+@pytest.mark.parametrize("seconds, spelled", [(0, "0 s"), (12.2, "13 s"), (250, "4 min 10 s"), (11520, "3 h 12 min")])
+def test_durations_are_spelled_for_people(seconds, spelled):
+    assert spell_seconds(seconds) == spelled
+
+
+def test_an_unusable_ledger_path_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(SchedulerError, match="cannot open the quota ledger .*ZEROGPU_DATA_DIR"):
+        QuotaLedger(blocker / "quota.sqlite3")
+
+
+def test_one_failing_write_in_a_group_leaves_the_others_in_place(ledger):
+    from zerogpu.schedule.quota import Work
+
+    def admit(lease_id):
+        return lambda db: ledger._insert(db, lease_id, FREE, "2026-11-23", "large", 10.0, 10.0, this_process(),
+                                         None, None, 0.0)
+
+    ledger.admit(FREE, 10, "large", this_process(), lease_id=7)
+    batch = [Work(admit(1)), Work(admit(7)), Work(admit(2))]  # 7 is taken: that one fails
+    ledger._write(batch)
+    assert [work.done for work in batch] == [True, True, True]
+    assert batch[0].outcome() == 1 and batch[2].outcome() == 2
+    with pytest.raises(SchedulerError, match="already admitted"):
+        batch[1].outcome()
+    assert sorted(row.id for row in ledger.reservations()) == [1, 2, 7]
+
+
+def test_threads_admitting_at_once_are_all_recorded(ledger):
+    import threading
+
+    admitted = []
+    start = threading.Barrier(8)
+
+    def admit():
+        start.wait()
+        for _ in range(50):
+            admitted.append(ledger.admit(PRO, 1, "large", this_process())[0])
+
+    threads = [threading.Thread(target=admit) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(set(admitted)) == 400
+    assert sorted(row.id for row in ledger.reservations()) == sorted(admitted)
+    assert ledger.balance(PRO).reserved == pytest.approx(400)

@@ -1,0 +1,1 @@
+"""The device side: CUDA emulation, device discovery, attach, the copy engine and restore (steps 4-5)."""

@@ -1,0 +1,138 @@
+"""`zerogpu status`: the GPUs, the leases, the queue and each identity's quota left.
+
+With a node daemon (a socket given, or ZEROGPU_SCHEDULER), the daemon says.
+Without one, the machine's quota ledger does: it lists today's quotas and the
+calls embedded schedulers are running now (their queues live in their apps).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from rich.console import Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from .. import settings
+from ..cuda.devices import discover
+from .policy import Policy
+from .quota import QuotaLedger, next_reset, spell_seconds
+from ..units import describe_size
+
+
+def status(socket_path: str | os.PathLike | None = None) -> dict:
+    """What the scheduler of this machine is doing, as plain data (see render_status)."""
+    path = socket_path or settings.scheduler_socket()
+    if path:
+        from .client import DaemonClient
+
+        client = DaemonClient(path)
+        try:
+            return {"source": "daemon", **client.status()}
+        finally:
+            client.close()
+    return embedded_status()
+
+
+def embedded_status(ledger: QuotaLedger | None = None) -> dict:
+    """The machine seen from its quota ledger, when no daemon runs."""
+    owned = ledger is None
+    ledger = ledger or QuotaLedger(policy=Policy())
+    try:
+        devices = discover()
+        rows = ledger.reservations()
+        balances = ledger.balances()
+    finally:
+        if owned:
+            ledger.close()
+    now = time.time()
+    slots: dict[int, list[int | None]] = {d.index: [None] * ledger.policy.large_per_gpu for d in devices}
+    for row in rows:
+        if row.device in slots and row.holder == "embedded":
+            cells = range(ledger.policy.large_per_gpu) if row.size == "xlarge" else [row.slot]
+            for cell in cells:
+                if cell is not None and 0 <= cell < len(slots[row.device]):
+                    slots[row.device][cell] = row.id
+    return {
+        "source": "ledger",
+        "devices": [
+            {"index": d.index, "visible_id": d.visible_id, "name": d.name, "total_memory": d.total_memory,
+             "backend": d.backend, "slots": slots[d.index]}
+            for d in devices
+        ],
+        "leases": [
+            {"id": row.id, "user": row.identity.user, "tier": row.identity.tier, "size": row.size,
+             "device": row.device, "slot": row.slot, "duration": row.duration, "held": now - row.started,
+             "state": "running" if row.device is not None else "waiting", "key": None, "pid": row.owner.pid}
+            for row in rows
+        ],
+        "queue": [],
+        "quota": [
+            {"user": b.identity.user, "tier": b.identity.tier, "limit": b.limit, "used": b.used,
+             "reserved": b.reserved, "left": b.left}
+            for b in balances
+        ],
+        "resets_at": next_reset(now),
+        "policy": ledger.policy.describe(),
+    }
+
+
+def render_status(state: dict) -> RenderableType:
+    """A rich rendering of status(): one table each for GPUs, leases, queue and quotas."""
+    parts: list[RenderableType] = [headline(state)]
+
+    gpus = Table(title="GPUs", title_justify="left", expand=False)
+    for column in ("#", "name", "memory", "backend", "slices"):
+        gpus.add_column(column)
+    for device in state["devices"]:
+        slices = " ".join("free" if cell is None else short_id(cell) for cell in device["slots"])
+        gpus.add_row(str(device["index"]), device["name"], (describe_size(device["total_memory"]) if device["total_memory"] else "?"), device["backend"], slices)
+    parts.append(gpus)
+
+    leases = Table(title="Leases", title_justify="left")
+    for column in ("lease", "user", "tier", "size", "gpu", "held / asked", "state", "pid"):
+        leases.add_column(column)
+    for lease in sorted(state["leases"], key=lambda lease: (lease["device"] is None, lease["device"] or 0)):
+        where = "-" if lease["device"] is None else f"{lease['device']}" + (
+            f".{lease['slot']}" if lease["slot"] is not None else "")
+        leases.add_row(short_id(lease["id"]), lease["user"], lease["tier"], lease["size"], where,
+                       f"{lease['held']:.0f} s / {lease['duration']:g} s", lease["state"], str(lease["pid"]))
+    parts.append(leases if state["leases"] else Text("No leases.", style="dim"))
+
+    if state["queue"]:
+        queue = Table(title="Queue (next first)", title_justify="left")
+        for column in ("#", "user", "tier", "size", "asked", "waited"):
+            queue.add_column(column)
+        for place, entry in enumerate(state["queue"], 1):
+            queue.add_row(str(place), entry["user"], entry["tier"], entry["size"], f"{entry['duration']:g} s",
+                          f"{entry['waited']:.1f} s")
+        parts.append(queue)
+    else:
+        parts.append(Text("No call is waiting.", style="dim"))
+
+    resets = spell_seconds(state["resets_at"] - time.time())
+    quota = Table(title=f"Quota today (resets at 00:00 UTC, in {resets})", title_justify="left")
+    for column in ("user", "tier", "used", "reserved", "left", "daily"):
+        quota.add_column(column, justify="right" if column not in ("user", "tier") else "left")
+    for entry in state["quota"]:
+        quota.add_row(entry["user"], entry["tier"], f"{entry['used']:.1f} s", f"{entry['reserved']:.1f} s",
+                      f"{entry['left']:.1f} s", f"{entry['limit']:g} s")
+    parts.append(quota if state["quota"] else Text("No quota used today.", style="dim"))
+    return Group(*parts)
+
+
+def headline(state: dict) -> Text:
+    policy = state["policy"]
+    tiers = ", ".join(f"{tier} {seconds:g} s" for tier, seconds in policy["daily_quota"].items())
+    if state["source"] == "daemon":
+        daemon = state["daemon"]
+        where = (f"node daemon pid {daemon['pid']} on {daemon['socket']}, "
+                 f"{len(daemon['clients'])} apps connected")
+    else:
+        where = "no node daemon: embedded schedulers, as the quota ledger sees them"
+    return Text(f"zerogpu: {where}\n{policy['large_per_gpu']} large calls per GPU; daily quotas: {tiers}")
+
+
+def short_id(lease_id: int) -> str:
+    return f"{lease_id:x}"[-6:]

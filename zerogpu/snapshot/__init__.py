@@ -1,0 +1,1 @@
+"""Shared-memory segments and snapshots, and packing the recorded tensors into one (step 1)."""
