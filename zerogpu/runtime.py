@@ -11,12 +11,11 @@ import contextlib
 import threading
 from typing import Callable
 
-from .cuda import emulation
-from .snapshot import packing, segments
 from . import settings
-from .call import transport
+from .cuda import emulation
 from .errors import InvalidArgument
 from .progress import bytes_progress
+from .snapshot import packing, segments
 
 # Tensors moved to 'cuda' after the first call are packed once they add up to this.
 LATE_PACK_BYTES = 64 * 2**20
@@ -37,6 +36,9 @@ generation = 0
 functions: dict[str, Callable] = {}
 # Each decorated function's wrapper, and each wrapper itself: decorating twice gives one wrapper.
 wrappers: dict[Callable, Callable] = {}
+# What the parts above the runtime (warm workers) undo at disable(), first to last.
+# They import the runtime, so it cannot import them.
+_cleanups: list[Callable[[], None]] = []
 
 
 def is_enabled() -> bool:
@@ -62,7 +64,6 @@ def enable() -> None:
         memory = {"total_memory": first.total_memory} if first.total_memory > 0 else {}
         emulation.patch(emulation.DeviceInfo(name=first.name, count=1, **memory))
         segments.sweep()  # what crashed apps left in /dev/shm
-        transport.use_references(packing.References(models))
         _backend = backend
         _enabled = True
 
@@ -75,24 +76,29 @@ def disable() -> None:
     """
     global _enabled, _backend, _started, _looked
     from .schedule.scheduler import reset_scheduler
-    from .call.warm import pool
 
     with _lock:
         if not _enabled:
             return
-        pool.close()
+        for cleanup in _cleanups:
+            cleanup()
         for model in _models:
             model.close()
         _models.clear()
         functions.clear()
         wrappers.clear()
         reset_scheduler()
-        transport.use_references(None)
         emulation.unpatch()
         _enabled = False
         _backend = None
         _started = False
         _looked = -1
+
+
+def at_disable(cleanup: Callable[[], None]) -> None:
+    """Run `cleanup` whenever zerogpu is disabled, before the snapshots are freed."""
+    if cleanup not in _cleanups:
+        _cleanups.append(cleanup)
 
 
 def choose_backend() -> str:

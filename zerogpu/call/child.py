@@ -23,8 +23,9 @@ import traceback
 from typing import Any, Callable, Iterator, NoReturn
 
 from ..cuda import attach, restore
-from . import transport
 from ..errors import SerializationError
+from ..snapshot import packing
+from . import transport
 
 PR_SET_PDEATHSIG = 1
 libc = ctypes.CDLL(None, use_errno=True)  # prctl(2) has no binding in Python
@@ -155,7 +156,8 @@ def prepare(channel: transport.Channel, plan: Plan) -> bool:
     channel.send(("attached", {"pid": os.getpid(), "started": started, "attach_s": attached - started}),
                  to_device=False)
     try:
-        stats = restore.restore(plan.models, engine, plan.backend, plan.lease)
+        late = packing.unpacked(plan.models) if plan.backend == "cuda" else []
+        stats = restore.restore(plan.models, engine, plan.backend, plan.lease, late)
     except BaseException as exc:  # noqa: BLE001 - reported to the parent
         channel.send(("failed", "restore", transport.capture_exception(exc)), to_device=False)
         return False

@@ -112,3 +112,4 @@ class WarmPool:
 
 pool = WarmPool()
 atexit.register(pool.close)
+runtime.at_disable(pool.close)

@@ -8,12 +8,15 @@ Every tensor the parent recorded keeps its Python identity (the same
 from __future__ import annotations
 
 from ..errors import CudaError, RestoreError
-from ..snapshot.packing import unpacked
 from ..units import describe_size
 
 
-def restore(models: list, engine, backend: str, lease) -> list[dict]:
-    """Restore every packed model through the engine; give each restore's figures."""
+def restore(models: list, engine, backend: str, lease, late: list = ()) -> list[dict]:
+    """Restore every packed model through the engine; give each restore's figures.
+
+    `late` are the recorded tensors no snapshot holds (moved to 'cuda' after
+    packing): on a real GPU they are moved one by one.
+    """
     from .engine import restore_snapshot
 
     device = "cuda" if backend == "cuda" else "cpu"
@@ -24,7 +27,7 @@ def restore(models: list, engine, backend: str, lease) -> list[dict]:
             model.rebind(views, keep_mark=backend == "emulated")
             figures.append(vars(stats))
         if backend == "cuda":
-            move_unpacked(models)
+            move_late(late)
     except Exception as exc:
         if isinstance(exc, CudaError) and exc.name == "CUDA_ERROR_OUT_OF_MEMORY":
             raise RestoreError(out_of_memory(models, lease)) from exc
@@ -44,7 +47,6 @@ def out_of_memory(models: list, lease) -> str:
     return f"{needed} ({lease.device.name}); {advice}"
 
 
-def move_unpacked(models: list) -> None:
-    """Recorded tensors that no snapshot holds (made after packing) go to the device one by one."""
-    for tensor in unpacked(models):
+def move_late(late: list) -> None:
+    for tensor in late:
         tensor.data = tensor.data.to("cuda")
