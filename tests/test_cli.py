@@ -23,6 +23,7 @@ import pytest
 from typer.testing import CliRunner
 
 from zerogpu import bench, runtime
+from zerogpu.bench import arguments as bench_arguments
 from zerogpu.cli import app
 from zerogpu.cuda.engine import STRATEGIES
 
@@ -164,8 +165,8 @@ def fake_statvfs(free: int):
 def test_bad_arguments_exit_with_one_line_before_anything_is_taken(env, monkeypatch, args, patch, message):
     if patch is not None:
         what, fake = patch
-        target = {"psutil": (bench.psutil, "virtual_memory"), "statvfs": (bench.segments.os, "statvfs"),
-                  "disk": (bench.shutil, "disk_usage")}[what]
+        target = {"psutil": (bench_arguments.psutil, "virtual_memory"), "statvfs": (bench_arguments.segments.os, "statvfs"),
+                  "disk": (bench_arguments.shutil, "disk_usage")}[what]
         monkeypatch.setattr(*target, fake)
     result = invoke(["bench", *args])
     assert result.exit_code == 2
