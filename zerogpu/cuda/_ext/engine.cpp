@@ -96,6 +96,29 @@ void run_workers(const DeviceContext& device, int threads, FirstFailure& failure
   for (std::thread& thread : spawned) thread.join();
 }
 
+// A region's chunks, claimed one at a time by whichever worker is free, so a
+// slow chunk holds back no other; claiming stops once any worker has failed.
+class ChunkClaims {
+ public:
+  ChunkClaims(size_t chunks, FirstFailure& failure) : chunks_(chunks), failure_(failure) {}
+  size_t chunks() const { return chunks_; }
+  // Runs work(index) for each chunk this worker claims. An exception is
+  // recorded and ends this worker's claims, so the worker's cleanup still runs.
+  template <class Work>
+  void claim_each(Work&& work) noexcept {
+    try {
+      for (size_t i = 0; !failure_.happened() && (i = next_++) < chunks_;) work(i);
+    } catch (...) {
+      failure_.record(std::current_exception());
+    }
+  }
+
+ private:
+  const size_t chunks_;
+  FirstFailure& failure_;
+  std::atomic<size_t> next_{0};
+};
+
 // A copy queued on a stream that reads host memory: the memory may be
 // reused or unregistered only after wait() has returned, whatever it returns.
 class PendingCopy {
@@ -347,15 +370,14 @@ RestoreReport Engine::restore(const void* src, CUdeviceptr dst, size_t nbytes,
 void Engine::copy_pageable(const char* src, CUdeviceptr dst, size_t nbytes,
                            const RestoreOptions& options, FirstFailure& failure) {
   const size_t chunk = options.chunk_bytes;
-  const size_t chunks = ceil_div(nbytes, chunk);
-  std::atomic<size_t> next{0};
-  run_workers(*device_, workers_for(options, chunks), failure, [&](int) {
-    for (size_t i = 0; !failure.happened() && (i = next++) < chunks;) {
+  ChunkClaims claims(ceil_div(nbytes, chunk), failure);
+  run_workers(*device_, workers_for(options, claims.chunks()), failure, [&](int) {
+    claims.claim_each([&](size_t i) {
       const size_t offset = i * chunk;
       device_->check(
           device_->api().cuMemcpyHtoD_v2(dst + offset, src + offset, std::min(chunk, nbytes - offset)),
           "cuMemcpyHtoD_v2");
-    }
+    });
   });
 }
 
@@ -370,30 +392,25 @@ double Engine::copy_registered(const char* src, CUdeviceptr dst, size_t nbytes,
   const uintptr_t begin = first / page * page;
   const uintptr_t end = (last + page - 1) / page * page;
   const size_t chunk = (options.chunk_bytes + page - 1) / page * page;
-  const size_t chunks = ceil_div(end - begin, chunk);
-  std::atomic<size_t> next{0};
+  ChunkClaims claims(ceil_div(end - begin, chunk), failure);
   std::mutex timing;
   double register_seconds = 0;
-  run_workers(*device_, workers_for(options, chunks), failure, [&](int) {
+  run_workers(*device_, workers_for(options, claims.chunks()), failure, [&](int) {
     RegisteredChunks registered(*device_, failure);
-    try {
-      for (size_t i = 0; !failure.happened() && (i = next++) < chunks;) {
-        if (registered.full()) registered.retire_oldest();
-        const uintptr_t low = begin + i * chunk;
-        const uintptr_t high = std::min<uintptr_t>(low + chunk, end);
-        PendingCopy& copy = registered.add(reinterpret_cast<void*>(low), high - low);
-        const uintptr_t copy_from = std::max(low, first);
-        const uintptr_t copy_to = std::min(high, last);
-        CUstream stream = streams_[i % static_cast<size_t>(options.streams)];
-        device_->check(device_->api().cuMemcpyHtoDAsync_v2(dst + (copy_from - first),
-                                                           reinterpret_cast<const void*>(copy_from),
-                                                           copy_to - copy_from, stream),
-                       "cuMemcpyHtoDAsync_v2");
-        copy.queued_on(stream);
-      }
-    } catch (...) {
-      failure.record(std::current_exception());
-    }
+    claims.claim_each([&](size_t i) {
+      if (registered.full()) registered.retire_oldest();
+      const uintptr_t low = begin + i * chunk;
+      const uintptr_t high = std::min<uintptr_t>(low + chunk, end);
+      PendingCopy& copy = registered.add(reinterpret_cast<void*>(low), high - low);
+      const uintptr_t copy_from = std::max(low, first);
+      const uintptr_t copy_to = std::min(high, last);
+      CUstream stream = streams_[i % static_cast<size_t>(options.streams)];
+      device_->check(device_->api().cuMemcpyHtoDAsync_v2(dst + (copy_from - first),
+                                                         reinterpret_cast<const void*>(copy_from),
+                                                         copy_to - copy_from, stream),
+                     "cuMemcpyHtoDAsync_v2");
+      copy.queued_on(stream);
+    });
     registered.drain();
     std::lock_guard lock(timing);
     register_seconds += registered.seconds();
@@ -404,25 +421,20 @@ double Engine::copy_registered(const char* src, CUdeviceptr dst, size_t nbytes,
 void Engine::copy_staged(const char* src, CUdeviceptr dst, size_t nbytes,
                          const RestoreOptions& options, int workers, FirstFailure& failure) {
   const size_t chunk = options.chunk_bytes;
-  const size_t chunks = ceil_div(nbytes, chunk);
-  std::atomic<size_t> next{0};
+  ChunkClaims claims(ceil_div(nbytes, chunk), failure);
   auto* ring = static_cast<char*>(ring_->address());
   run_workers(*device_, workers, failure, [&](int worker) {
     StagingSlots slots(*device_, ring + static_cast<size_t>(worker) * kSlotsPerWorker * chunk, chunk);
     CUstream stream = streams_[static_cast<size_t>(worker % options.streams)];
-    try {
-      for (size_t i = 0; !failure.happened() && (i = next++) < chunks;) {
-        const size_t offset = i * chunk;
-        const size_t bytes = std::min(chunk, nbytes - offset);
-        auto [slot, copy] = slots.next();
-        copy_streaming(slot, src + offset, bytes);
-        device_->check(device_->api().cuMemcpyHtoDAsync_v2(dst + offset, slot, bytes, stream),
-                       "cuMemcpyHtoDAsync_v2");
-        copy->queued_on(stream);
-      }
-    } catch (...) {
-      failure.record(std::current_exception());
-    }
+    claims.claim_each([&](size_t i) {
+      const size_t offset = i * chunk;
+      const size_t bytes = std::min(chunk, nbytes - offset);
+      auto [slot, copy] = slots.next();
+      copy_streaming(slot, src + offset, bytes);
+      device_->check(device_->api().cuMemcpyHtoDAsync_v2(dst + offset, slot, bytes, stream),
+                     "cuMemcpyHtoDAsync_v2");
+      copy->queued_on(stream);
+    });
     slots.drain(&failure);
   });
 }

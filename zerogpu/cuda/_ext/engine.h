@@ -61,7 +61,6 @@ class Engine {
   // is the bus's limit that the strategies are measured against.
   double copy_plain(const void* src, CUdeviceptr dst, size_t nbytes);
   void copy_to_host(void* dst, CUdeviceptr src, size_t nbytes);
-  // Free and total device memory, in bytes.
 
   // Destroys the streams and frees the ring; waits for a restore under way.
   void close();
