@@ -15,20 +15,30 @@ using CUcontext = struct CUctx_st*;
 using CUstream = struct CUstream_st*;
 using CUevent = struct CUevent_st*;
 
-// Result codes the engine and the emulated backend produce or test for.
+// X(name, code, description): the result codes the engine and the emulated
+// backend produce or test for, with the driver's own descriptions (what
+// cuGetErrorString answers). Written once so the enum and the emulated
+// backend's names and texts cannot disagree.
+#define ZEROGPU_CUDA_RESULTS(X)                                                             \
+  X(CUDA_SUCCESS, 0, "no error")                                                            \
+  X(CUDA_ERROR_INVALID_VALUE, 1, "invalid argument")                                        \
+  X(CUDA_ERROR_OUT_OF_MEMORY, 2, "out of memory")                                           \
+  X(CUDA_ERROR_NOT_INITIALIZED, 3, "initialization error")                                  \
+  X(CUDA_ERROR_NO_DEVICE, 100, "no CUDA-capable device is detected")                        \
+  X(CUDA_ERROR_INVALID_DEVICE, 101, "invalid device ordinal")                               \
+  X(CUDA_ERROR_INVALID_CONTEXT, 201, "invalid device context")                              \
+  X(CUDA_ERROR_INVALID_HANDLE, 400, "invalid resource handle")                              \
+  X(CUDA_ERROR_NOT_READY, 600, "device not ready")                                          \
+  X(CUDA_ERROR_ILLEGAL_ADDRESS, 700, "an illegal memory access was encountered")            \
+  X(CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED, 712,                                         \
+    "part or all of the requested memory range is already mapped")                          \
+  X(CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED, 713,                                             \
+    "pointer does not correspond to a registered memory region")
+
 enum : CUresult {
-  CUDA_SUCCESS = 0,
-  CUDA_ERROR_INVALID_VALUE = 1,
-  CUDA_ERROR_OUT_OF_MEMORY = 2,
-  CUDA_ERROR_NOT_INITIALIZED = 3,
-  CUDA_ERROR_NO_DEVICE = 100,
-  CUDA_ERROR_INVALID_DEVICE = 101,
-  CUDA_ERROR_INVALID_CONTEXT = 201,
-  CUDA_ERROR_INVALID_HANDLE = 400,
-  CUDA_ERROR_NOT_READY = 600,
-  CUDA_ERROR_ILLEGAL_ADDRESS = 700,
-  CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED = 712,
-  CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED = 713,
+#define ZEROGPU_DECLARE_RESULT(name, code, description) name = code,
+  ZEROGPU_CUDA_RESULTS(ZEROGPU_DECLARE_RESULT)
+#undef ZEROGPU_DECLARE_RESULT
 };
 
 constexpr unsigned int CU_STREAM_NON_BLOCKING = 0x1;
