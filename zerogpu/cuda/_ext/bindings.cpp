@@ -149,7 +149,6 @@ NB_MODULE(_engine, m) {
       .def_prop_ro("ordinal", &DeviceContext::ordinal)
       .def_prop_ro("name", &DeviceContext::name)
       .def_prop_ro("total_memory", &DeviceContext::total_memory)
-      .def_prop_ro("register_flags", &DeviceContext::register_flags)
       .def("alloc", [](const std::shared_ptr<DeviceContext>& d, size_t nbytes) {
             return std::make_unique<DeviceMemory>(d, nbytes);
           }, "nbytes"_a, "cuMemAlloc_v2.")
@@ -170,10 +169,6 @@ NB_MODULE(_engine, m) {
                                                  reinterpret_cast<CUstream>(stream)),
                     "cuMemcpyHtoDAsync_v2");
           }, "dst"_a, "src"_a, "nbytes"_a, "stream"_a, Release())
-      .def("memcpy_dtoh", [](const DeviceContext& d, uintptr_t dst, uintptr_t src, size_t n) {
-            d.make_current();
-            d.check(d.api().cuMemcpyDtoH_v2(host_pointer(dst), src, n), "cuMemcpyDtoH_v2");
-          }, "dst"_a, "src"_a, "nbytes"_a, Release())
       .def("host_register", [](const DeviceContext& d, uintptr_t address, size_t n) {
             d.make_current();
             d.check(d.api().cuMemHostRegister_v2(host_pointer(address), n, d.register_flags()),
