@@ -1,5 +1,7 @@
 #include "memory.h"
 
+#include <string>
+
 namespace zerogpu {
 namespace {
 
@@ -17,30 +19,22 @@ bool ready_to_free(const DeviceContext& device) noexcept {
 
 }  // namespace
 
-DeviceMemory::DeviceMemory(std::shared_ptr<DeviceContext> device, size_t bytes)
+template <class Kind>
+Allocation<Kind>::Allocation(std::shared_ptr<DeviceContext> device, size_t bytes)
     : device_(std::move(device)), bytes_(bytes) {
-  if (bytes == 0) throw InvalidArgument("cannot allocate 0 bytes of device memory");
+  if (bytes == 0) throw InvalidArgument(std::string("cannot allocate 0 bytes of ") + Kind::kWhat);
   device_->make_current();
-  device_->check(device_->api().cuMemAlloc_v2(&address_, bytes), "cuMemAlloc_v2");
+  device_->check(Kind::allocate(device_->api(), &address_, bytes), Kind::kCall);
 }
 
-void DeviceMemory::free() noexcept {
-  if (address_ == 0) return;
-  if (ready_to_free(*device_)) device_->api().cuMemFree_v2(address_);
-  address_ = 0;
+template <class Kind>
+void Allocation<Kind>::free() noexcept {
+  if (address_ == Address{}) return;
+  if (ready_to_free(*device_)) Kind::release(device_->api(), address_);
+  address_ = Address{};
 }
 
-PinnedMemory::PinnedMemory(std::shared_ptr<DeviceContext> device, size_t bytes)
-    : device_(std::move(device)), bytes_(bytes) {
-  if (bytes == 0) throw InvalidArgument("cannot allocate 0 bytes of pinned memory");
-  device_->make_current();
-  device_->check(device_->api().cuMemHostAlloc(&address_, bytes, 0), "cuMemHostAlloc");
-}
-
-void PinnedMemory::free() noexcept {
-  if (address_ == nullptr) return;
-  if (ready_to_free(*device_)) device_->api().cuMemFreeHost(address_);
-  address_ = nullptr;
-}
+template class Allocation<DeviceAllocation>;
+template class Allocation<PinnedAllocation>;
 
 }  // namespace zerogpu

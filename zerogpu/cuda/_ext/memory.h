@@ -7,43 +7,58 @@
 
 namespace zerogpu {
 
-// One cuMemAlloc_v2 allocation.
-class DeviceMemory {
+// What sets the two kinds of allocation apart: the address type and the
+// driver calls that allocate and free.
+struct DeviceAllocation {
+  using Address = CUdeviceptr;
+  static constexpr const char* kWhat = "device memory";
+  static constexpr const char* kCall = "cuMemAlloc_v2";
+  static CUresult allocate(const DriverApi& cu, Address* address, size_t bytes) {
+    return cu.cuMemAlloc_v2(address, bytes);
+  }
+  static void release(const DriverApi& cu, Address address) { cu.cuMemFree_v2(address); }
+};
+
+// Page-locked host memory the DMA engine reads directly.
+struct PinnedAllocation {
+  using Address = void*;
+  static constexpr const char* kWhat = "pinned memory";
+  static constexpr const char* kCall = "cuMemHostAlloc";
+  static CUresult allocate(const DriverApi& cu, Address* address, size_t bytes) {
+    return cu.cuMemHostAlloc(address, bytes, 0);
+  }
+  static void release(const DriverApi& cu, Address address) { cu.cuMemFreeHost(address); }
+};
+
+// One allocation of `Kind`, freed by free() or when the object goes.
+template <class Kind>
+class Allocation {
  public:
-  DeviceMemory(std::shared_ptr<DeviceContext> device, size_t bytes);
-  ~DeviceMemory() { free(); }
-  DeviceMemory(const DeviceMemory&) = delete;
-  DeviceMemory& operator=(const DeviceMemory&) = delete;
+  using Address = typename Kind::Address;
+  Allocation(std::shared_ptr<DeviceContext> device, size_t bytes);
+  ~Allocation() { free(); }
+  Allocation(const Allocation&) = delete;
+  Allocation& operator=(const Allocation&) = delete;
 
   // Frees the memory now; later calls do nothing. Never throws: it runs from
   // destructors and tensor deleters.
   void free() noexcept;
-  CUdeviceptr address() const { return address_; }
-  size_t bytes() const { return bytes_; }
-  const DeviceContext& device() const { return *device_; }
-
- private:
-  std::shared_ptr<DeviceContext> device_;
-  CUdeviceptr address_ = 0;
-  size_t bytes_;
-};
-
-// One cuMemHostAlloc allocation: page-locked host memory the DMA engine reads directly.
-class PinnedMemory {
- public:
-  PinnedMemory(std::shared_ptr<DeviceContext> device, size_t bytes);
-  ~PinnedMemory() { free(); }
-  PinnedMemory(const PinnedMemory&) = delete;
-  PinnedMemory& operator=(const PinnedMemory&) = delete;
-
-  void free() noexcept;
-  void* address() const { return address_; }
+  Address address() const { return address_; }
   size_t bytes() const { return bytes_; }
 
  private:
   std::shared_ptr<DeviceContext> device_;
-  void* address_ = nullptr;
+  Address address_{};
   size_t bytes_;
 };
+
+// Defined in memory.cpp for these two kinds only.
+extern template class Allocation<DeviceAllocation>;
+extern template class Allocation<PinnedAllocation>;
+
+// One cuMemAlloc_v2 allocation.
+using DeviceMemory = Allocation<DeviceAllocation>;
+// One cuMemHostAlloc allocation.
+using PinnedMemory = Allocation<PinnedAllocation>;
 
 }  // namespace zerogpu
