@@ -17,7 +17,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from zerogpu.cuda import emulation
+from zerogpu.cuda import emulation, torch_cuda, torch_mode
 from zerogpu.errors import CudaInitialized, InvalidArgument
 
 CUDA0 = torch.device("cuda", 0)
@@ -716,13 +716,13 @@ def test_a_thread_lets_go_of_the_emulation_when_it_ends(emulated, monkeypatch):
     # Left on the stack, the mode would be released by the thread's C++
     # destructors, racing interpreter shutdown (an abort at exit).
     released = []
-    leave_mode = emulation._leave_mode
+    leave_mode = torch_mode.leave_mode
 
     def recording_leave_mode() -> None:
         leave_mode()
         released.append((threading.get_ident(), torch._C._len_torch_function_stack()))
 
-    monkeypatch.setattr(emulation, "_leave_mode", recording_leave_mode)
+    monkeypatch.setattr(torch_mode, "leave_mode", recording_leave_mode)
     thread = threading.Thread(target=lambda: torch.zeros(1, device="cuda"))
     thread.start()
     thread.join()
@@ -961,7 +961,7 @@ def patched_attributes() -> dict[tuple[int, str], tuple[bool, object]]:
         torch.utils,
         torch._utils,
         threading.Thread,
-        *emulation._CUDA_MODULES,
+        *torch_cuda.CUDA_MODULES,
     ]
     names = [
         "_cuda_init",
@@ -970,8 +970,8 @@ def patched_attributes() -> dict[tuple[int, str], tuple[bool, object]]:
         "_bootstrap_inner",
         "_rebuild_tensor",
         "_rebuild_tensor_v3",
-        *emulation._CUDA_FUNCTIONS,
-        *emulation._CUDA_WRAPPERS,
+        *torch_cuda.CUDA_FUNCTIONS,
+        *torch_cuda.CUDA_WRAPPERS,
     ]
     attributes = {
         (id(owner), name): (name in vars(owner), vars(owner).get(name))

@@ -1,0 +1,146 @@
+"""The tensor registry: which tensors are emulated cuda, and on which device.
+
+Being "on cuda" is a mark kept beside the tensor (its Python object, weakly
+held), not a tensor subclass: the data stays in the tensor itself, so the
+runtime can rebind it (`rebind`) to a view of shared memory or of a restored
+device buffer.
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+
+import torch
+
+from ..errors import InvalidArgument
+from . import emulated_devices
+
+
+class Registry:
+    """The emulated-cuda tensors and their device index, held weakly.
+
+    Written by hand rather than with torch.utils.weak.WeakTensorKeyDictionary:
+    that class wraps every looked-up key in a weak reference whose comparison
+    runs in Python (about 2.5 us a hit), and the registry is asked once per
+    tensor argument of every torch call. A dict keyed by id() answers in about
+    0.15 us; each entry keeps a weak reference whose callback removes it when
+    the tensor is freed, and a lookup checks that reference so a reused id can
+    never answer for a dead tensor.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[weakref.ref, int]] = {}
+        self.added = 0  # entries ever made: a count that only grows
+
+    def index(self, tensor: torch.Tensor) -> int | None:
+        entry = self._entries.get(id(tensor))
+        if entry is None or entry[0]() is not tensor:
+            return None
+        return entry[1]
+
+    def set(self, tensor: torch.Tensor, index: int) -> None:
+        key = id(tensor)
+        entry = self._entries.get(key)
+        if entry is not None and entry[0]() is tensor:
+            if entry[1] != index:
+                self._entries[key] = (entry[0], index)
+            return
+        self._entries[key] = (weakref.ref(tensor, functools.partial(self._forget, key)), index)
+        self.added += 1
+
+    def discard(self, tensor: torch.Tensor) -> None:
+        key = id(tensor)
+        entry = self._entries.get(key)
+        if entry is not None and entry[0]() is tensor:
+            del self._entries[key]
+
+    def tensors(self) -> list[torch.Tensor]:
+        alive = (ref() for ref, _ in list(self._entries.values()))
+        return [tensor for tensor in alive if tensor is not None]
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def _forget(self, key: int, ref: weakref.ref) -> None:
+        entry = self._entries.get(key)
+        if entry is not None and entry[0] is ref:
+            del self._entries[key]
+
+
+# Every emulated cuda tensor of this process; the function mode asks it on every torch call.
+marked = Registry()
+
+
+def is_cuda(tensor: object) -> bool:
+    """Whether `tensor` is an emulated cuda tensor (recorded in the registry)."""
+    return isinstance(tensor, torch.Tensor) and marked.index(tensor) is not None
+
+
+def _check_emulable(tensor: object, what: str) -> torch.Tensor:
+    if not isinstance(tensor, torch.Tensor):
+        raise InvalidArgument(f"{what} takes a torch.Tensor, not {type(tensor).__name__}")
+    if tensor.device.type != "cpu":
+        raise InvalidArgument(
+            f"{what} takes a CPU tensor (an emulated cuda tensor keeps its data on the CPU), "
+            f"not one on {tensor.device}"
+        )
+    return tensor
+
+
+def mark(tensor: torch.Tensor, index: int = 0) -> None:
+    """Record a CPU tensor as emulated cuda on device `index` (default cuda:0)."""
+    with torch._C.DisableTorchFunction():
+        _check_emulable(tensor, "mark()")
+    count = emulated_devices.device_count()
+    if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < count:
+        raise InvalidArgument(
+            f"mark() got device index {index!r}, but the emulated devices are 0..{count - 1}"
+        )
+    marked.set(tensor, index)
+
+
+def unmark(tensor: torch.Tensor) -> None:
+    """Make `tensor` a plain CPU tensor again; a tensor that was not marked is left alone."""
+    if not isinstance(tensor, torch.Tensor):
+        raise InvalidArgument(f"unmark() takes a torch.Tensor, not {type(tensor).__name__}")
+    marked.discard(tensor)
+
+
+def rebind(tensor: torch.Tensor, data: torch.Tensor, *, mark: bool | None = None) -> None:
+    """`tensor.data = data`, with `tensor` emulated cuda afterwards as the runtime says.
+
+    The runtime rebinds recorded tensors to views of a snapshot or of a
+    restored buffer; those views are plain tensors, and a plain `.data =`
+    would move the tensor to the CPU as it does in torch. `mark=None` keeps
+    `tensor` emulated cuda if it was (or if `data` is); True makes it so
+    (`data` must then be a CPU tensor); False makes it a plain tensor, as for
+    a worker's real GPU memory.
+    """
+    if not isinstance(tensor, torch.Tensor):
+        raise InvalidArgument(f"rebind() takes a torch.Tensor, not {type(tensor).__name__}")
+    if not isinstance(data, torch.Tensor):
+        raise InvalidArgument(f"rebind() takes a torch.Tensor as data, not {type(data).__name__}")
+    index = marked.index(tensor)
+    if index is None:
+        index = marked.index(data)
+    if mark is None:
+        mark = index is not None
+    with torch._C.DisableTorchFunction():
+        if mark:
+            _check_emulable(data, "rebind(mark=True)")
+        torch.Tensor.data.__set__(tensor, data)
+    if mark:
+        marked.set(tensor, index if index is not None else emulated_devices.current_index())
+    else:
+        marked.discard(tensor)
+
+
+def live_tensors() -> list[torch.Tensor]:
+    """Every live emulated cuda tensor, in the order they were first marked."""
+    return marked.tensors()
+
+
+def marks() -> int:
+    """How many tensors have been marked so far: unchanged means no tensor became 'cuda' since."""
+    return marked.added
