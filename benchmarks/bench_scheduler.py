@@ -48,7 +48,8 @@ from zerogpu.errors import QuotaExceeded
 from zerogpu.identity import TIERS, Identity
 from zerogpu.schedule.policy import DAILY_QUOTA, SIZE_WEIGHT, Policy
 from zerogpu.schedule.quota import QuotaLedger
-from zerogpu.schedule.scheduler import EmbeddedScheduler, LeaseRequest, Waiter
+from zerogpu.schedule.leases import LeaseRequest, Waiter
+from zerogpu.schedule.scheduler import EmbeddedScheduler
 
 GPUS = 4
 ROOMY = Policy(daily_quota={tier: 1e12 for tier in TIERS})
@@ -89,7 +90,7 @@ CLIENT_LOOP = textwrap.dedent("""
     import sys, time
     from zerogpu.schedule.client import DaemonClient
     from zerogpu.identity import Identity
-    from zerogpu.schedule.scheduler import LeaseRequest
+    from zerogpu.schedule.leases import LeaseRequest
     client = DaemonClient(sys.argv[1])
     request = LeaseRequest(Identity("bench", "pro"), 30.0)
     for _ in range(200):

@@ -105,7 +105,7 @@ def gpu(tmp_path, monkeypatch):
     """zerogpu enabled in this process on two emulated GPUs; no lease may outlive the test."""
     import zerogpu
     from zerogpu import runtime
-    from zerogpu.schedule.scheduler import scheduler
+    from zerogpu.schedule.choice import scheduler
 
     emulated_environment(monkeypatch, tmp_path)
     monkeypatch.setenv("ZEROGPU_EMULATED_GPUS", "2")

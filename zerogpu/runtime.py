@@ -75,7 +75,7 @@ def disable() -> None:
     been enabled. Meant for tests and for tools that enable zerogpu briefly.
     """
     global _enabled, _backend, _started, _looked
-    from .schedule.scheduler import reset_scheduler
+    from .schedule.choice import reset_scheduler
 
     with _lock:
         if not _enabled:

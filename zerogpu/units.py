@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 from .errors import InvalidArgument
@@ -25,3 +26,16 @@ def describe_size(nbytes: float) -> str:
         if abs(nbytes) >= factor:
             return f"{nbytes / factor:.3g} {unit}"
     return f"{int(nbytes)} B"
+
+
+def check_seconds(value: object, what: str, *, positive: bool = False, finite: bool = True) -> float:
+    """`value` if it is a number of seconds (an int or a float, not a bool), else InvalidArgument.
+
+    It must be at least 0, or above 0 when `positive`; never NaN, and infinite
+    only when not `finite` (a queue timeout may wait forever).
+    """
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or math.isnan(value) or value < 0 or (positive and value == 0) or (finite and math.isinf(value)):
+        kind = "positive" if positive else "non-negative"
+        raise InvalidArgument(f"{what} must be a {kind} number of seconds, not {value!r}")
+    return value

@@ -26,7 +26,7 @@ import torch
 
 import zerogpu
 from zerogpu import runtime
-from zerogpu.schedule.scheduler import scheduler
+from zerogpu.schedule.choice import scheduler
 
 
 class NotPicklable(Exception):

@@ -20,7 +20,7 @@ import torch
 import zerogpu
 from zerogpu import runtime
 from zerogpu.integrations import spaces
-from zerogpu.schedule.scheduler import scheduler
+from zerogpu.schedule.choice import scheduler
 
 # The public names of the real package (spaces 0.51.3, spaces.__all__).
 REAL_NAMES = [

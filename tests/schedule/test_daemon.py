@@ -20,13 +20,13 @@ import psutil
 import pytest
 from rich.console import Console
 
-from zerogpu.schedule import scheduler as scheduler_module
+from zerogpu.schedule import choice
 from zerogpu.schedule.client import DaemonClient
 from zerogpu.errors import Cancelled, InvalidArgument, NoGPUAvailable, QuotaExceeded, SchedulerError
 from zerogpu.identity import Identity
 from zerogpu.schedule.protocol import MAX_FRAME, VERSION, FrameReader, decode, encode
 from zerogpu.schedule.quota import QuotaLedger, this_process
-from zerogpu.schedule.scheduler import LeaseRequest
+from zerogpu.schedule.leases import LeaseRequest
 from zerogpu.schedule.status import embedded_status, render_status, status
 
 PRO = Identity("grace", "pro")
@@ -165,14 +165,14 @@ def test_errors_come_back_as_zerogpu_errors(client):
 
 def test_the_process_scheduler_uses_the_daemon_when_named(daemon, monkeypatch):
     monkeypatch.setenv("ZEROGPU_SCHEDULER", daemon.socket)
-    scheduler_module.reset_scheduler()
+    choice.reset_scheduler()
     try:
-        chosen = scheduler_module.scheduler()
+        chosen = choice.scheduler()
         assert isinstance(chosen, DaemonClient)
         lease = chosen.acquire(large(), timeout=0)
         chosen.release(lease, used=0.5)
     finally:
-        scheduler_module.reset_scheduler()
+        choice.reset_scheduler()
 
 
 def test_a_missing_daemon_is_a_clear_error(folder):
@@ -183,7 +183,8 @@ def test_a_missing_daemon_is_a_clear_error(folder):
 def test_apps_share_the_gpus_and_wait_for_each_other(daemon, client):
     holder = run_script(daemon, """
         import sys
-        from zerogpu.schedule.scheduler import scheduler, LeaseRequest
+        from zerogpu.schedule.choice import scheduler
+        from zerogpu.schedule.leases import LeaseRequest
         from zerogpu.identity import Identity
         leases = [scheduler().acquire(LeaseRequest(Identity("bob", "pro"), 30, "xlarge"), timeout=0)
                   for _ in range(4)]
@@ -217,7 +218,8 @@ def test_apps_share_the_gpus_and_wait_for_each_other(daemon, client):
 
 HOLD = """
     import os, sys, time
-    from zerogpu.schedule.scheduler import scheduler, LeaseRequest
+    from zerogpu.schedule.choice import scheduler
+    from zerogpu.schedule.leases import LeaseRequest
     from zerogpu.identity import Identity
     for _ in range(4):
         scheduler().acquire(LeaseRequest(Identity("bob", "pro"), 100, "xlarge"), timeout=0)

@@ -10,13 +10,14 @@ import time
 import pytest
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
-from zerogpu.schedule import scheduler as scheduler_module
+from zerogpu.schedule import choice
 from zerogpu.cuda.devices import emulated_devices
 from zerogpu.errors import Cancelled, InvalidArgument, NoGPUAvailable, QuotaExceeded, SchedulerError
 from zerogpu.identity import ANONYMOUS, TIERS, Identity, current, identity
 from zerogpu.schedule.policy import TIER_RANK, Policy
 from zerogpu.schedule.quota import QuotaLedger, this_process
-from zerogpu.schedule.scheduler import EmbeddedScheduler, LeaseRequest
+from zerogpu.schedule.leases import Lease, LeaseRequest
+from zerogpu.schedule.scheduler import EmbeddedScheduler
 
 ROOMY = {tier: 1e6 for tier in TIERS}
 PRO = Identity("grace", "pro")
@@ -571,7 +572,7 @@ def test_adopted_leases_hold_their_cells_and_are_charged_on_release(make, tmp_pa
     assert scheduler.transfer(("orphan", this_process()), "client") == 1
     lease = scheduler.status()["leases"][0]
     assert (lease["id"], lease["size"], lease["device"]) == (kept, "xlarge", 1)
-    scheduler.release(scheduler_module.Lease(kept, scheduler.devices[1], None, 1.0, xlarge(FREE, 30)), used=5)
+    scheduler.release(Lease(kept, scheduler.devices[1], None, 1.0, xlarge(FREE, 30)), used=5)
     assert ledger.balance(FREE).used == 10 and lost != kept
 
 
@@ -583,25 +584,25 @@ def test_the_process_scheduler_is_embedded_without_a_daemon(tmp_path, monkeypatc
     monkeypatch.setenv("ZEROGPU_DATA_DIR", str(tmp_path))
     monkeypatch.setenv("ZEROGPU_BACKEND", "emulated")
     monkeypatch.setenv("ZEROGPU_EMULATED_GPUS", "3")
-    scheduler_module.reset_scheduler()
+    choice.reset_scheduler()
     try:
-        first = scheduler_module.scheduler()
-        assert isinstance(first, EmbeddedScheduler) and first is scheduler_module.scheduler()
+        first = choice.scheduler()
+        assert isinstance(first, EmbeddedScheduler) and first is choice.scheduler()
         assert len(first.devices) == 3 and first.ledger.path == tmp_path / "quota.sqlite3"
-        scheduler_module.reset_scheduler()
-        assert scheduler_module.scheduler() is not first
+        choice.reset_scheduler()
+        assert choice.scheduler() is not first
     finally:
-        scheduler_module.reset_scheduler()
+        choice.reset_scheduler()
 
 
 def test_use_scheduler_installs_a_configured_one(make):
     chosen = make(1, large_per_gpu=3)
     try:
-        scheduler_module.use_scheduler(chosen)
-        assert scheduler_module.scheduler() is chosen
-        assert scheduler_module.scheduler().acquire(large(), timeout=0).memory_fraction == pytest.approx(1 / 3)
+        choice.use_scheduler(chosen)
+        assert choice.scheduler() is chosen
+        assert choice.scheduler().acquire(large(), timeout=0).memory_fraction == pytest.approx(1 / 3)
     finally:
-        scheduler_module.reset_scheduler()
+        choice.reset_scheduler()
 
 
 # -- stress --------------------------------------------------------------------------------
@@ -666,7 +667,7 @@ def test_hundreds_of_concurrent_callers_over_four_gpus(make):
     status = scheduler.status()
     assert status["queue"] == [] and {lease["state"] for lease in status["leases"]} <= {"parked"}
     for lease in status["leases"]:
-        scheduler.drop(scheduler_module.Lease(lease["id"], None, None, 0, None))
+        scheduler.drop(Lease(lease["id"], None, None, 0, None))
     assert cells(scheduler) == [[None, None]] * 4
     assert scheduler.ledger.reservations() == []
     used = sum(b.used for b in scheduler.ledger.balances() if b.identity not in (ANONYMOUS, broke))

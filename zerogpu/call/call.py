@@ -28,7 +28,8 @@ from ..errors import (
 )
 from ..identity import current as current_identity
 from ..schedule.policy import SIZES
-from ..schedule.scheduler import LeaseRequest, scheduler
+from ..schedule.choice import scheduler
+from ..schedule.leases import LeaseRequest
 from .warm import pool
 
 DEFAULT_DURATION = 60.0

@@ -15,7 +15,7 @@ import threading
 from dataclasses import dataclass, field
 
 from .. import runtime
-from ..schedule.scheduler import scheduler
+from ..schedule.choice import scheduler
 from .worker import Worker
 
 

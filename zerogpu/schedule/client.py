@@ -19,7 +19,6 @@ were taken over by the new daemon and are released as usual.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import select
 import socket
@@ -31,10 +30,10 @@ from itertools import count
 
 from .. import settings
 from ..cuda.devices import Device
-from ..errors import InvalidArgument, SchedulerError
-from .policy import is_number
+from ..errors import SchedulerError
+from ..units import check_seconds
+from .leases import CANCEL_POLL, Lease, LeaseRequest, Scheduler, check_timeout
 from .protocol import MAX_REPLY, VERSION, FrameReader, decode, encode, error_from_wire, peer
-from .scheduler import CANCEL_POLL, Lease, LeaseRequest, Scheduler, check_timeout
 
 log = logging.getLogger("zerogpu.schedule.scheduler")
 
@@ -183,10 +182,6 @@ class DaemonClient(Scheduler):
         clients.add(self)
         self._connection()
 
-    @property
-    def devices(self) -> list[Device]:
-        return self._connection().devices
-
     # -- the interface ----------------------------------------------------------------
 
     def acquire(self, request: LeaseRequest, *, timeout: float | None = None,
@@ -226,8 +221,7 @@ class DaemonClient(Scheduler):
 
     def release(self, lease: Lease, *, used: float, charge: bool = True,
                 park: Callable[[], None] | None = None) -> None:
-        if not is_number(used) or not math.isfinite(used) or used < 0:
-            raise InvalidArgument(f"used must be a non-negative number of seconds, not {used!r}")
+        check_seconds(used, "used")
         with self._lock:
             if lease.id not in self._links_of:
                 raise SchedulerError(f"lease {lease.id} is not held by this process: was it released twice?")

@@ -32,11 +32,13 @@ from ..cuda.devices import Device, discover
 from ..errors import Cancelled, InvalidArgument, SchedulerError, ZeroGPUError
 from ..identity import Identity
 from .policy import Policy
+from .leases import Lease, LeaseRequest, Waiter
 from .protocol import (
-    MAX_FRAME, VERSION, FrameReader, decode, encode, error_to_wire, parse_request, peer, request_id,
+    MAX_FRAME, VERSION, FrameReader, decode, device_to_wire, encode, error_to_wire, parse_request, peer,
+    request_id,
 )
 from .quota import Owner, QuotaLedger
-from .scheduler import EmbeddedScheduler, Lease, LeaseRequest, Waiter
+from .scheduler import EmbeddedScheduler
 
 log = logging.getLogger("zerogpu.schedule.daemon")
 
@@ -209,9 +211,9 @@ class Connection:
                 return
             self._evictions[lease_id] = done
         if self.send({"op": "evict", "lease": lease_id}):
-            if not done.wait(self.daemon.evict_timeout):
+            if not done.wait(EVICT_TIMEOUT):
                 log.warning("%s did not evict lease %s within %g s: taking it back", self, lease_id,
-                            self.daemon.evict_timeout)
+                            EVICT_TIMEOUT)
         with self._lock:
             self._evictions.pop(lease_id, None)
 
@@ -263,11 +265,9 @@ class Daemon:
         devices: list[Device] | None = None,
         ledger_path: str | os.PathLike | None = None,
         heartbeat_timeout: float = HEARTBEAT_TIMEOUT,
-        evict_timeout: float = EVICT_TIMEOUT,
     ) -> None:
         self.socket_path = os.path.abspath(os.fspath(socket_path))
         self.heartbeat_timeout = heartbeat_timeout
-        self.evict_timeout = evict_timeout
         ledger = QuotaLedger(ledger_path, policy, holder=f"daemon:{self.socket_path}")
         try:
             self.scheduler = EmbeddedScheduler(devices if devices is not None else discover(), ledger=ledger)
@@ -410,11 +410,6 @@ def bind(path: str) -> socket.socket:
     return listener
 
 
-def device_to_wire(device: Device) -> dict:
-    return {"index": device.index, "visible_id": device.visible_id, "name": device.name,
-            "total_memory": device.total_memory, "backend": device.backend}
-
-
 def lease_to_wire(lease: Lease) -> dict:
     return {"id": lease.id, "device": lease.device.index, "slot": lease.slot,
             "memory_fraction": lease.memory_fraction, "warm": lease.warm}
@@ -424,7 +419,6 @@ def serve(
     socket_path: str | os.PathLike | None = None,
     *,
     policy: Policy | None = None,
-    devices: list[Device] | None = None,
     ledger_path: str | os.PathLike | None = None,
     heartbeat_timeout: float = HEARTBEAT_TIMEOUT,
     ready: Callable[[Daemon], None] | None = None,
@@ -437,8 +431,7 @@ def serve(
     path = socket_path or settings.scheduler_socket()
     if not path:
         raise InvalidArgument("name the daemon's socket: pass a path or set ZEROGPU_SCHEDULER")
-    daemon = Daemon(path, policy=policy, devices=devices, ledger_path=ledger_path,
-                    heartbeat_timeout=heartbeat_timeout)
+    daemon = Daemon(path, policy=policy, ledger_path=ledger_path, heartbeat_timeout=heartbeat_timeout)
     stop = threading.Event()
     handlers = {}
     if threading.current_thread() is threading.main_thread():

@@ -13,7 +13,6 @@ by calls that arrived before `t + (tier gap + 1) * aging`: nothing starves.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -21,6 +20,7 @@ from types import MappingProxyType
 from .. import settings
 from ..errors import InvalidArgument
 from ..identity import TIERS
+from ..units import check_seconds
 
 SIZES = ("large", "xlarge")
 SIZE_WEIGHT = MappingProxyType({"large": 1, "xlarge": 2})
@@ -52,12 +52,10 @@ class Policy:
             for tier, seconds in table.items():
                 if tier not in TIERS:
                     raise InvalidArgument(f"{name} names the unknown tier {tier!r}: use {', '.join(TIERS)}")
-                if not is_number(seconds) or not math.isfinite(seconds) or seconds <= 0:
-                    raise InvalidArgument(f"{name}[{tier!r}] must be a positive number of seconds, not {seconds!r}")
+                check_seconds(seconds, f"{name}[{tier!r}]", positive=True)
         if not isinstance(self.large_per_gpu, int) or isinstance(self.large_per_gpu, bool) or self.large_per_gpu < 1:
             raise InvalidArgument(f"large_per_gpu must be a whole number of at least 1, not {self.large_per_gpu!r}")
-        if not is_number(self.aging) or not math.isfinite(self.aging) or self.aging <= 0:
-            raise InvalidArgument(f"aging must be a positive number of seconds, not {self.aging!r}")
+        check_seconds(self.aging, "aging", positive=True)
         object.__setattr__(self, "daily_quota", MappingProxyType({t: float(s) for t, s in quota.items()}))
         object.__setattr__(self, "max_duration", MappingProxyType({t: float(s) for t, s in longest.items()}))
 
@@ -74,8 +72,7 @@ class Policy:
         """Refuse a request no quota could ever admit, saying what to ask for instead."""
         if size not in SIZES:
             raise InvalidArgument(f"size {size!r} is unknown: use 'large' (half a GPU) or 'xlarge' (a whole GPU)")
-        if not is_number(duration) or not math.isfinite(duration) or duration <= 0:
-            raise InvalidArgument(f"duration must be a positive number of seconds, not {duration!r}")
+        check_seconds(duration, "duration", positive=True)
         longest = self.max_duration[tier]
         if duration > longest:
             raise InvalidArgument(
@@ -106,7 +103,3 @@ class Policy:
             "large_per_gpu": self.large_per_gpu,
             "aging": self.aging,
         }
-
-
-def is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -38,8 +38,9 @@ from typing import Any, TypeVar
 import psutil
 
 from .. import settings
-from ..errors import InvalidArgument, QuotaExceeded, SchedulerError
+from ..errors import QuotaExceeded, SchedulerError
 from ..identity import Identity
+from ..units import check_seconds
 from .policy import SIZE_WEIGHT, Policy
 
 DAY = 86400.0
@@ -383,8 +384,8 @@ class QuotaLedger:
         The charge is the time used up to the duration asked for, times the
         size's weight; it goes to the day the call was admitted on. Returns it.
         """
-        if used is not None and (not math.isfinite(used) or used < 0):
-            raise InvalidArgument(f"used must be a non-negative number of seconds, not {used!r}")
+        if used is not None:
+            check_seconds(used, "used")
         def charge(db: sqlite3.Connection) -> float:
             row = db.execute(
                 "DELETE FROM leases WHERE id=? RETURNING user, tier, day, size, duration", (lease_id,)

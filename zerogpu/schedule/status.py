@@ -17,6 +17,7 @@ from rich.text import Text
 from .. import settings
 from ..cuda.devices import discover
 from .policy import Policy
+from .protocol import balance_to_wire, device_to_wire
 from .quota import QuotaLedger, next_reset, spell_seconds
 from ..units import describe_size
 
@@ -56,11 +57,7 @@ def embedded_status(ledger: QuotaLedger | None = None) -> dict:
                     slots[row.device][cell] = row.id
     return {
         "source": "ledger",
-        "devices": [
-            {"index": d.index, "visible_id": d.visible_id, "name": d.name, "total_memory": d.total_memory,
-             "backend": d.backend, "slots": slots[d.index]}
-            for d in devices
-        ],
+        "devices": [{**device_to_wire(d), "slots": slots[d.index]} for d in devices],
         "leases": [
             {"id": row.id, "user": row.identity.user, "tier": row.identity.tier, "size": row.size,
              "device": row.device, "slot": row.slot, "duration": row.duration, "held": now - row.started,
@@ -68,11 +65,7 @@ def embedded_status(ledger: QuotaLedger | None = None) -> dict:
             for row in rows
         ],
         "queue": [],
-        "quota": [
-            {"user": b.identity.user, "tier": b.identity.tier, "limit": b.limit, "used": b.used,
-             "reserved": b.reserved, "left": b.left}
-            for b in balances
-        ],
+        "quota": [balance_to_wire(b) for b in balances],
         "resets_at": next_reset(now),
         "policy": ledger.policy.describe(),
     }
