@@ -20,16 +20,24 @@ GPUS = [
 ]
 
 
+def fake_machine(monkeypatch, gpus: list[PhysicalGpu]) -> list[int]:
+    """The driver lists `gpus` (asked afresh, not from what a test before asked); counts the askings."""
+    asked = []
+    monkeypatch.setattr(devices, "physical_gpus", lambda: asked.append(1) or list(gpus))
+    monkeypatch.setattr(devices, "_machine", None)
+    return asked
+
+
 @pytest.fixture
 def no_gpus(monkeypatch):
-    monkeypatch.setattr(devices, "physical_gpus", lambda: [])
+    fake_machine(monkeypatch, [])
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.delenv("ZEROGPU_BACKEND", raising=False)
 
 
 @pytest.fixture
 def three_gpus(monkeypatch):
-    monkeypatch.setattr(devices, "physical_gpus", lambda: list(GPUS))
+    fake_machine(monkeypatch, GPUS)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.delenv("ZEROGPU_BACKEND", raising=False)
 
@@ -163,3 +171,39 @@ def test_discovery_creates_no_cuda_context():
         "assert torch is None or not torch.cuda.is_initialized(), 'torch initialized CUDA'\n"
     )
     subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
+
+
+def test_the_driver_is_asked_once_and_the_environment_every_time(monkeypatch):
+    asked = fake_machine(monkeypatch, GPUS)
+    monkeypatch.delenv("ZEROGPU_BACKEND", raising=False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert devices.gpu_visible() and len(devices.discover()) == 3
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2")
+    assert [d.visible_id for d in devices.discover("cuda")] == ["GPU-abcd3333"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert not devices.gpu_visible() and devices.discover()[0].backend == "emulated"
+    assert len(asked) == 1
+    devices.forget()
+    devices.discover("cuda")
+    assert len(asked) == 2
+
+
+def test_enable_and_the_first_call_ask_the_driver_once(monkeypatch, tmp_path):
+    import zerogpu
+    from zerogpu import runtime
+    from conftest import emulated_environment
+
+    emulated_environment(monkeypatch, tmp_path)
+    monkeypatch.delenv("ZEROGPU_BACKEND")  # chosen from what the driver says: no GPU, so emulated
+    asked = fake_machine(monkeypatch, [])
+    zerogpu.enable()
+    try:
+        @zerogpu.GPU(duration=20)
+        def double(x):
+            return 2 * x
+
+        assert double(21) == 42
+        assert runtime.backend() == "emulated"
+    finally:
+        runtime.disable()
+    assert len(asked) == 1

@@ -6,10 +6,16 @@ PCI bus order; CUDA_VISIBLE_DEVICES then picks and orders them as CUDA would
 (with CUDA_DEVICE_ORDER=PCI_BUS_ID). Each Device carries the GPU's UUID as
 `visible_id`, which a child puts in its own CUDA_VISIBLE_DEVICES: a UUID names
 the same GPU whatever order CUDA enumerates in.
+
+The driver is asked once per process (enable(), choosing the backend and the
+scheduler all need the answer): the machine's GPUs do not change while it
+runs. CUDA_VISIBLE_DEVICES and the ZEROGPU_* settings are read at every
+call, so a change to them is seen at once.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +25,9 @@ from .. import settings
 from ..errors import InvalidArgument
 
 PROC_GPUS = Path("/proc/driver/nvidia/gpus")
+
+_machine: list[PhysicalGpu] | None = None  # what the driver said, once asked
+_machine_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -57,7 +66,7 @@ def discover(backend: str | None = None) -> list[Device]:
         raise InvalidArgument(f"backend {chosen!r} is unknown: use 'cuda' or 'emulated'")
     if chosen == "emulated":
         return emulated_devices(settings.emulated_gpus())
-    gpus = select_visible(physical_gpus(), settings.cuda_visible_devices())
+    gpus = select_visible(machine_gpus(), settings.cuda_visible_devices())
     return [
         Device(index, gpu.uuid, gpu.name, gpu.total_memory, "cuda")
         for index, gpu in enumerate(gpus)
@@ -66,7 +75,23 @@ def discover(backend: str | None = None) -> list[Device]:
 
 def gpu_visible() -> bool:
     """Whether this process may use at least one real NVIDIA GPU."""
-    return bool(select_visible(physical_gpus(), settings.cuda_visible_devices()))
+    return bool(select_visible(machine_gpus(), settings.cuda_visible_devices()))
+
+
+def machine_gpus() -> list[PhysicalGpu]:
+    """physical_gpus(), asked of the driver at the first call only."""
+    global _machine
+    with _machine_lock:
+        if _machine is None:
+            _machine = physical_gpus()
+        return list(_machine)
+
+
+def forget() -> None:
+    """Ask the driver again at the next discovery."""
+    global _machine
+    with _machine_lock:
+        _machine = None
 
 
 def emulated_devices(count: int) -> list[Device]:
