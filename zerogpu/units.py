@@ -1,4 +1,7 @@
-"""Sizes as people write them: '64MB', '1.5GiB', '4096'. Units are binary: 1GB = 1GiB = 2**30 bytes."""
+"""Sizes as people write them: '64MB', '1.5GiB', '4096'. Units are binary: 1GB = 1GiB = 2**30 bytes.
+
+Also the arithmetic that lays bytes out: `round_up` to an alignment.
+"""
 
 from __future__ import annotations
 
@@ -39,3 +42,8 @@ def check_seconds(value: object, what: str, *, positive: bool = False, finite: b
         kind = "positive" if positive else "non-negative"
         raise InvalidArgument(f"{what} must be a {kind} number of seconds, not {value!r}")
     return value
+
+
+def round_up(value: int, multiple: int) -> int:
+    """The least multiple of `multiple` that is at least `value`."""
+    return -(-value // multiple) * multiple

@@ -28,7 +28,8 @@ from hypothesis import strategies as st
 from zerogpu.snapshot import snapshot as snapshot_module
 from zerogpu.errors import InvalidArgument, SnapshotError
 from zerogpu.snapshot.packing import give_back_freed_memory
-from zerogpu.snapshot.snapshot import DTYPES, HEADER, Snapshot, sweep
+from zerogpu.snapshot.manifest import DTYPES, HEADER
+from zerogpu.snapshot.snapshot import Snapshot, sweep
 
 SHM_DIR = "/dev/shm"
 MiB = 2**20

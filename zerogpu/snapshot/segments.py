@@ -4,13 +4,18 @@ Every segment is /dev/shm/zerogpu-<pid>-<kind><hex>, <pid> being the process
 that made it (its owner) and <kind> empty for a snapshot or "msg" for a
 tensor on its way between a caller and its worker. The owner unlinks its
 segments; when a process dies first, whoever finds its segments removes them.
+
+Segments are made with `create`, filled through their descriptor with `write`
+and read with `map_segment`.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 import re
 import secrets
+from collections.abc import Callable
 
 import posix_ipc
 import psutil
@@ -18,6 +23,7 @@ import psutil
 SHM_DIR = "/dev/shm"
 KINDS = ("", "msg")
 NAME = re.compile(r"/?(zerogpu-(\d+)-(msg|)([0-9a-f]+))")
+CHUNK = 64 << 20  # bytes written by one pwrite, and between two progress reports
 
 
 def new_name(kind: str = "") -> str:
@@ -76,6 +82,58 @@ def sweep() -> list[str]:
         except posix_ipc.PermissionsError:
             continue  # another user's
     return removed
+
+
+def create(name: str, size: int) -> posix_ipc.SharedMemory:
+    """Make segment `name` of `size` bytes, open to this user only; it must not exist yet.
+
+    Raises posix_ipc.Error or OSError when it cannot be made. Fill it with
+    `write` and close its descriptor (close_fd()) once done.
+    """
+    return posix_ipc.SharedMemory("/" + name.lstrip("/"), posix_ipc.O_CREX, mode=0o600, size=size)
+
+
+class ShortSegment(ValueError):
+    """A segment holds fewer bytes than its reader needs; `size` is what it holds."""
+
+    def __init__(self, name: str, size: int):
+        super().__init__(f"segment {name} holds only {size} bytes")
+        self.size = size
+
+
+def map_segment(name: str, least: int = 1, *, read_only: bool = False) -> mmap.mmap:
+    """Map the whole of segment `name`, shared (read-only if asked).
+
+    Raises posix_ipc.ExistentialError when there is no such segment, and
+    ShortSegment when it holds fewer than `least` bytes (at least one: an
+    empty file cannot be mapped).
+    """
+    shm = posix_ipc.SharedMemory("/" + name.lstrip("/"), read_only=read_only)
+    try:
+        if shm.size < max(least, 1):
+            raise ShortSegment(name, shm.size)
+        return mmap.mmap(shm.fd, shm.size, access=mmap.ACCESS_READ if read_only else mmap.ACCESS_WRITE)
+    finally:
+        shm.close_fd()
+
+
+def write(fd: int, data: memoryview, offset: int = 0, progress: Callable[[int], None] | None = None) -> None:
+    """pwrite all of `data` at `offset` of a segment, calling `progress(n)` as each CHUNK is written.
+
+    Through the descriptor, not a mapping: tmpfs fills whole pages without
+    zeroing them first or faulting them into this process one by one (about
+    twice as fast as copying into a fresh mapping), and a full /dev/shm is an
+    ENOSPC error here instead of a SIGBUS on a mapped write. It is also not
+    torch's copy, whose OpenMP threads hang in a process forked after its
+    parent used them, as a worker is.
+    """
+    for start in range(0, len(data), CHUNK):
+        piece = data[start : start + CHUNK]
+        done = 0
+        while done < len(piece):
+            done += os.pwrite(fd, piece[done:], offset + start + done)
+        if progress is not None:
+            progress(len(piece))
 
 
 def free_space() -> tuple[int, int]:

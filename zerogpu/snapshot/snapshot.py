@@ -19,109 +19,25 @@ owners that died without unlinking them.
 """
 
 from __future__ import annotations
-
 import ctypes
 import errno
-import json
-import math
 import mmap
 import os
 import resource
-import struct
 import warnings
 import weakref
-import zlib
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import posix_ipc
 import torch
 
-from . import segments
+from . import safetensors_io, segments
 from ..errors import InvalidArgument, SnapshotError
-from ..units import describe_size
-
-
-MAGIC = b"ZGPUSNAP"
-VERSION = 1
-# magic, format version, CRC-32 of the manifest, manifest length, data offset, data length
-HEADER = struct.Struct("<8sIIQQQ")
-
-ALIGN = 256  # every storage starts on this boundary: enough for any dtype and vector loads
-PAGE = mmap.PAGESIZE
-LARGE = 1 << 20  # storages at least this big start on a page boundary
-CHUNK = 64 << 20  # bytes copied between two progress reports
-
-# Names torch gives its dtypes ("float32", "bfloat16", ...). Quantized dtypes are
-# left out: their tensors carry scales that are not in the storage.
-DTYPES: dict[str, torch.dtype] = {
-    str(dtype).removeprefix("torch."): dtype
-    for dtype in vars(torch).values()
-    if isinstance(dtype, torch.dtype) and not str(dtype).startswith(("torch.qint", "torch.quint"))
-}
-
-# The dtype codes of the safetensors format that torch can hold.
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    code: getattr(torch, name)
-    for code, name in {
-        "F64": "float64",
-        "F32": "float32",
-        "F16": "float16",
-        "BF16": "bfloat16",
-        "I64": "int64",
-        "I32": "int32",
-        "I16": "int16",
-        "I8": "int8",
-        "U64": "uint64",
-        "U32": "uint32",
-        "U16": "uint16",
-        "U8": "uint8",
-        "BOOL": "bool",
-        "F8_E4M3": "float8_e4m3fn",
-        "F8_E4M3FNUZ": "float8_e4m3fnuz",
-        "F8_E5M2": "float8_e5m2",
-        "F8_E5M2FNUZ": "float8_e5m2fnuz",
-        "F8_E8M0": "float8_e8m0fnu",
-        "F4": "float4_e2m1fn_x2",
-        "C64": "complex64",
-    }.items()
-    if hasattr(torch, name)
-}
-SAFETENSORS_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
-# safetensors counts 4-bit values; torch packs two per element along the last dimension.
-PAIRED = {dtype for dtype in (getattr(torch, "float4_e2m1fn_x2", None),) if dtype is not None}
-MAX_SAFETENSORS_HEADER = 100 << 20  # the format's own limit on its JSON header
+from ..units import describe_size, round_up
+from .manifest import HEADER, PAGE, Entry, align_storage, encode, header, read_manifest
 
 Progress = Callable[[int], None]
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One tensor of the manifest.
-
-    The tensor is `dtype`, `shape` and `stride` over a storage of `nbytes`
-    bytes that starts `offset` bytes into the data region, beginning
-    `storage_offset` elements into it. Entries with the same `offset` and
-    `nbytes` share one storage.
-    """
-
-    name: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    stride: tuple[int, ...]
-    storage_offset: int
-    offset: int
-    nbytes: int
-
-    @property
-    def extent(self) -> int:
-        """Bytes from the start of the storage to the end of the tensor's last element."""
-        if any(size == 0 for size in self.shape):
-            return 0
-        last = self.storage_offset + sum((size - 1) * step for size, step in zip(self.shape, self.stride))
-        return (last + 1) * self.dtype.itemsize
 
 
 class Snapshot:
@@ -165,7 +81,7 @@ class Snapshot:
 
         def write(fd: int, data_offset: int) -> None:
             for source, offset in copies:
-                write_bytes(fd, source, data_offset + offset, progress)
+                segments.write(fd, source, data_offset + offset, progress)
 
         return cls._create(entries, write)
 
@@ -180,26 +96,18 @@ class Snapshot:
         # One open file for the header and the bytes: a file replaced in between
         # (a download renamed over it) cannot fill the layout read from another.
         with file:
-            data_start, found = read_safetensors_header(path, file)
-            entries: list[Entry] = []
-            cursor = 0
-            for name, dtype, shape, begin, end in found:
-                offset = align_storage(cursor, end - begin)
-                stride = torch.empty(shape, device="meta").stride()
-                entries.append(Entry(name, dtype, shape, stride, 0, offset, end - begin))
-                cursor = offset + end - begin
+            data_start, found = safetensors_io.read_header(path, file)
+            entries = safetensors_io.lay_out(found)
 
             def write(fd: int, data_offset: int) -> None:
-                for entry, (_, _, _, begin, _) in zip(entries, found):
-                    send_bytes(fd, file.fileno(), data_start + begin, data_offset + entry.offset, entry.nbytes,
-                               progress)
+                safetensors_io.copy_data(fd, file, data_start, found, entries, data_offset, progress)
 
             return cls._create(entries, write)
 
     @classmethod
     def _create(cls, entries: list[Entry], write: Callable[[int, int], None]) -> Snapshot:
         """Make the segment for `entries`, fill its data region with `write(fd, data_offset)`, map it."""
-        manifest = json.dumps([entry_to_json(entry) for entry in entries]).encode()
+        manifest = encode(entries)
         nbytes = max((entry.offset + entry.nbytes for entry in entries), default=0)
         data_offset = round_up(HEADER.size + len(manifest), PAGE)
         size = data_offset + nbytes
@@ -207,18 +115,15 @@ class Snapshot:
 
         name = segments.new_name()
         try:
-            shm = posix_ipc.SharedMemory("/" + name, posix_ipc.O_CREX, mode=0o600, size=size)
+            shm = segments.create(name, size)
         except (OSError, posix_ipc.Error) as error:
             raise SnapshotError(f"could not create shared-memory segment {name} of {describe_size(size)}: {error}") from error
         try:
-            # The data goes in through the file descriptor, not the mapping: tmpfs then fills
-            # whole pages without zeroing them first or faulting them into this process one
-            # by one (measured about twice as fast as copying into a fresh mapping), and a
-            # full /dev/shm is an ENOSPC error here instead of a SIGBUS on a mapped write.
+            # The data goes in through the file descriptor, not a mapping (see segments.write).
             write(shm.fd, data_offset)
-            os.pwrite(shm.fd, manifest, HEADER.size)
+            segments.write(shm.fd, memoryview(manifest), HEADER.size)
             # The header goes last: a segment whose copy failed half-way never looks valid.
-            os.pwrite(shm.fd, HEADER.pack(MAGIC, VERSION, zlib.crc32(manifest), len(manifest), data_offset, nbytes), 0)
+            segments.write(shm.fd, memoryview(header(manifest, data_offset, nbytes)), 0)
             segment = mmap.mmap(shm.fd, size)
         except BaseException as error:
             shm.unlink()
@@ -241,19 +146,14 @@ class Snapshot:
             raise InvalidArgument(f"{name!r} is not a snapshot name: expected 'zerogpu-<pid>-<hex>' (Snapshot.name)")
         name = parsed[0]
         try:
-            shm = posix_ipc.SharedMemory("/" + name, read_only=True)
+            segment = segments.map_segment(name, HEADER.size, read_only=True)
         except posix_ipc.ExistentialError:
             raise SnapshotError(f"no snapshot named {name}: its owner closed it or exited; pack it again") from None
+        except segments.ShortSegment as short:
+            raise SnapshotError(f"segment {name} is too short to be a snapshot ({short.size} bytes, the header alone "
+                                f"is {HEADER.size}): it was not made by Snapshot.pack; pack the weights again") from None
         except (OSError, posix_ipc.Error) as error:
             raise SnapshotError(f"could not open snapshot {name}: {error}") from error
-        try:
-            size = shm.size
-            if size < HEADER.size:
-                raise SnapshotError(f"segment {name} is too short to be a snapshot ({size} bytes, the header alone "
-                                    f"is {HEADER.size}): it was not made by Snapshot.pack; pack the weights again")
-            segment = mmap.mmap(shm.fd, size, access=mmap.ACCESS_READ)
-        finally:
-            shm.close_fd()
         try:
             data_offset, nbytes, entries = read_manifest(name, segment)
         except BaseException:
@@ -301,46 +201,8 @@ class Snapshot:
         safetensors cannot express shared storage or strides, so every tensor is
         written as its own contiguous copy (one at a time for those that need one).
         """
-        codes = []
-        for entry in self.entries:
-            if entry.name == "__metadata__":
-                raise InvalidArgument("a tensor named '__metadata__' cannot be saved: safetensors keeps that key "
-                                      "for the file's metadata; rename it")
-            code = SAFETENSORS_CODES.get(entry.dtype)
-            if code is None:
-                raise InvalidArgument(f"{entry.name!r} is {entry.dtype}, which safetensors cannot store; "
-                                      f"it stores {', '.join(sorted(SAFETENSORS_DTYPES))}")
-            if entry.dtype in PAIRED and not entry.shape:
-                raise InvalidArgument(f"{entry.name!r} is a 0-dim {entry.dtype} tensor, which safetensors cannot "
-                                      f"store (it counts 4-bit values along the last dimension): reshape it to (1,)")
-            codes.append(code)
-        tensors = self.tensors()
-        header: dict[str, object] = {"__metadata__": {"format": "pt"}}
-        cursor = 0
-        for entry, code in zip(self.entries, codes):
-            length = tensors[entry.name].numel() * entry.dtype.itemsize
-            shape = list(entry.shape)
-            if entry.dtype in PAIRED:
-                shape[-1] *= 2
-            header[entry.name] = {"dtype": code, "shape": shape, "data_offsets": [cursor, cursor + length]}
-            cursor += length
-        encoded = json.dumps(header).encode()
-        encoded += b" " * (-len(encoded) % 8)  # the format pads its header so the data starts 8-byte aligned
+        safetensors_io.save(self.entries, self.tensors(), path)
 
-        path = Path(path)
-        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        try:
-            with open(partial, "wb") as file:  # buffered: its write() writes all, in pieces past 2 GB
-                file.write(struct.pack("<Q", len(encoded)) + encoded)
-                for entry in self.entries:
-                    # contiguous() returns contiguous tensors as they are: their bytes are
-                    # written straight from the segment.
-                    flat = tensors[entry.name].contiguous().reshape(-1).view(torch.uint8)
-                    file.write(flat.numpy())
-            os.replace(partial, path)
-        except BaseException:
-            partial.unlink(missing_ok=True)
-            raise
 
     def close(self) -> None:
         """Unmap (once the last view of it is gone) and, in the owner, unlink the name."""
@@ -481,40 +343,6 @@ def storage_bytes(storage: torch.UntypedStorage) -> memoryview:
     return memoryview(torch.empty(0, dtype=torch.uint8).set_(storage).numpy())
 
 
-def align_storage(cursor: int, nbytes: int) -> int:
-    return round_up(cursor, PAGE if nbytes >= LARGE else ALIGN)
-
-
-def round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
-
-
-def write_bytes(fd: int, source: memoryview, offset: int, progress: Progress | None) -> None:
-    """pwrite `source` at `offset`, reporting progress every CHUNK bytes."""
-    for start in range(0, len(source), CHUNK):
-        piece = source[start:start + CHUNK]
-        done = 0
-        while done < len(piece):
-            done += os.pwrite(fd, piece[done:], offset + start + done)
-        if progress is not None:
-            progress(len(piece))
-
-
-def send_bytes(fd: int, source_fd: int, source_offset: int, offset: int, nbytes: int,
-               progress: Progress | None) -> None:
-    """Copy `nbytes` of a file into the segment inside the kernel (sendfile), reporting progress."""
-    os.lseek(fd, offset, os.SEEK_SET)
-    for start in range(0, nbytes, CHUNK):
-        length = min(CHUNK, nbytes - start)
-        done = 0
-        while done < length:
-            sent = os.sendfile(fd, source_fd, source_offset + start + done, length - done)
-            if sent == 0:
-                raise SnapshotError("the file ended early: it shrank while it was being read")
-            done += sent
-        if progress is not None:
-            progress(length)
-
 
 def check_free_space(size: int) -> None:
     """InvalidArgument, before anything is made, when /dev/shm cannot hold `size` bytes."""
@@ -551,115 +379,5 @@ def lock_in_ram(whole: torch.Tensor, name: str) -> bool:
             f"that starts the app, LimitMEMLOCK=infinity for a systemd service, --ulimit memlock=-1 for docker.",
             RuntimeWarning, stacklevel=4)
     return False
-
-
-# ---- the manifest
-
-
-def entry_to_json(entry: Entry) -> dict[str, object]:
-    fields = asdict(entry)
-    fields["dtype"] = str(entry.dtype).removeprefix("torch.")
-    return fields
-
-
-def read_manifest(name: str, segment: mmap.mmap) -> tuple[int, int, list[Entry]]:
-    """The data offset, data length and entries of a mapped segment, checked; SnapshotError if not sound."""
-    magic, version, checksum, manifest_length, data_offset, nbytes = HEADER.unpack_from(segment, 0)
-    if magic != MAGIC:
-        raise SnapshotError(f"segment {name} is not a zerogpu snapshot (its header starts {magic!r}, not {MAGIC!r}): "
-                            f"it is still being written or was made by something else; pack the weights again")
-    if version != VERSION:
-        raise SnapshotError(f"snapshot {name} has format version {version}; this zerogpu reads version {VERSION}: "
-                            f"pack it again with this version of zerogpu")
-    if HEADER.size + manifest_length > data_offset or data_offset + nbytes > len(segment):
-        raise SnapshotError(f"snapshot {name} is truncated or its header is corrupt: the segment has {len(segment)} "
-                            f"bytes, its header asks for {data_offset + nbytes}; pack it again")
-    manifest = segment[HEADER.size:HEADER.size + manifest_length]
-    if zlib.crc32(manifest) != checksum:
-        raise SnapshotError(f"the manifest of snapshot {name} is corrupt (checksum mismatch): pack it again")
-    try:
-        entries = [entry_from_json(fields, nbytes) for fields in json.loads(manifest)]
-    except (ValueError, TypeError, KeyError) as error:
-        raise SnapshotError(f"the manifest of snapshot {name} is corrupt ({error}): pack it again") from None
-    if len({entry.name for entry in entries}) != len(entries):
-        raise SnapshotError(f"the manifest of snapshot {name} is corrupt (a name appears twice): pack it again")
-    return data_offset, nbytes, entries
-
-
-def entry_from_json(fields: dict, nbytes: int) -> Entry:
-    """An Entry from its manifest form; ValueError when it could not be a view of the data region."""
-    entry = Entry(
-        name=fields["name"], dtype=DTYPES[fields["dtype"]], shape=tuple(fields["shape"]),
-        stride=tuple(fields["stride"]), storage_offset=fields["storage_offset"],
-        offset=fields["offset"], nbytes=fields["nbytes"])
-    numbers = (*entry.shape, *entry.stride, entry.storage_offset, entry.offset, entry.nbytes)
-    if not isinstance(entry.name, str) or len(entry.shape) != len(entry.stride) \
-            or not all(type(number) is int and number >= 0 for number in numbers):
-        raise ValueError(f"entry {fields!r} is malformed")
-    if entry.offset + entry.nbytes > nbytes or entry.extent > entry.nbytes:
-        raise ValueError(f"entry {entry.name!r} reaches past its storage or the data region")
-    return entry
-
-
-# ---- safetensors files
-
-
-def read_safetensors_header(path: Path, file: BinaryIO) -> tuple[int, list[tuple[str, torch.dtype, tuple[int, ...], int, int]]]:
-    """Where the data starts, and (name, dtype, shape, begin, end) of each tensor in file order."""
-    try:
-        size = os.fstat(file.fileno()).st_size
-        prefix = file.read(8)
-        if len(prefix) < 8:
-            raise InvalidArgument(f"{path} is not a safetensors file: it is only {size} bytes long")
-        (length,) = struct.unpack("<Q", prefix)
-        if length > min(MAX_SAFETENSORS_HEADER, size - 8):
-            raise InvalidArgument(f"{path} is not a safetensors file or is truncated: its header claims "
-                                  f"{length} bytes, the file has {size}")
-        raw = file.read(length)
-    except OSError as error:
-        raise InvalidArgument(f"cannot read {path}: {error.strerror or error}") from None
-    try:
-        header = json.loads(raw)
-        if not isinstance(header, dict):
-            raise ValueError("the header is not a JSON object")
-    except (ValueError, UnicodeDecodeError) as error:
-        raise InvalidArgument(f"{path} is not a safetensors file: its header is not valid JSON ({error})") from None
-
-    data_size = size - 8 - length
-    found = []
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        found.append(safetensors_entry(path, name, info, data_size))
-    found.sort(key=lambda item: item[3])
-    return 8 + length, found
-
-
-def safetensors_entry(path: Path, name: str, info: object, data_size: int
-                      ) -> tuple[str, torch.dtype, tuple[int, ...], int, int]:
-    """One tensor's (name, dtype, shape, begin, end) from a safetensors header, checked."""
-    try:
-        code, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]  # type: ignore[index]
-        if not all(type(number) is int and number >= 0 for number in (*shape, begin, end)):
-            raise ValueError
-    except (TypeError, KeyError, ValueError):
-        raise InvalidArgument(f"{path}: the header entry of {name!r} is malformed: {info!r}") from None
-    dtype = SAFETENSORS_DTYPES.get(code)
-    if dtype is None:
-        raise InvalidArgument(f"{path}: {name!r} has dtype {code!r}, which torch cannot hold or safetensors does "
-                              f"not define; known: {', '.join(sorted(SAFETENSORS_DTYPES))}")
-    shape = tuple(shape)
-    if dtype in PAIRED:
-        if not shape or shape[-1] % 2:
-            raise InvalidArgument(f"{path}: {name!r} is {code} with shape {list(shape)}; its last dimension must be "
-                                  f"even (torch stores these values in pairs)")
-        shape = (*shape[:-1], shape[-1] // 2)
-    expected = dtype.itemsize * math.prod(shape)
-    if end - begin != expected or end > data_size:
-        raise InvalidArgument(f"{path}: {name!r} ({code} {list(shape)}) needs {expected} bytes but its offsets "
-                              f"[{begin}, {end}] span {end - begin} within {data_size} bytes of data: "
-                              f"the file is corrupt or truncated")
-    return name, dtype, shape, begin, end
-
 
 __all__ = ["Snapshot", "Entry", "sweep"]
