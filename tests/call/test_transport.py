@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import pickle
 import signal
 import socket
 import struct
@@ -26,7 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakIdKeyDictionary
 
-from zerogpu.call import transport
+from zerogpu.call import messages, transport
 from zerogpu.errors import RemoteError, SerializationError
 from zerogpu.call.transport import (
     Channel,
@@ -404,7 +405,7 @@ def test_random_tensors_round_trip(dtype, shape, view, threshold, seed):
     elif view == "expanded":
         tensor = tensor.unsqueeze(0).expand(3, *tensor.shape)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(transport, "TENSOR_SHM_THRESHOLD", threshold)
+        patch.setattr(messages, "TENSOR_SHM_THRESHOLD", threshold)
         got = loads(dumps([tensor, tensor], to_device=False))
     assert got[0] is got[1]
     assert_same_tensor(got[0], tensor)
@@ -604,7 +605,7 @@ def test_a_failed_segment_leaves_no_segment_behind(monkeypatch):
                 raise posix_ipc.Error("no space left")
         return real(name, *args, **kwargs)
 
-    monkeypatch.setattr(transport.posix_ipc, "SharedMemory", fail_second)
+    monkeypatch.setattr(posix_ipc, "SharedMemory", fail_second)
     with pytest.raises(SerializationError, match="could not create a shared-memory segment"):
         dumps([torch.zeros(2 * MiB), torch.ones(2 * MiB)], to_device=False)
     assert len(created) == 2
@@ -615,7 +616,7 @@ def test_a_full_shared_memory_is_an_error_not_a_crash(monkeypatch):
     def no_space(fd, data, offset):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(transport.os, "pwrite", no_space)
+    monkeypatch.setattr(os, "pwrite", no_space)
     with pytest.raises(SerializationError, match=r"No space left on device.*free space in /dev/shm"):
         dumps(torch.zeros(2 * MiB), to_device=False)
     assert segments_of(os.getpid()) == []
@@ -884,13 +885,13 @@ def test_truncated_and_tampered_messages_raise_serialization_error():
 
 def test_a_tensor_reaching_past_the_bytes_sent_is_refused():
     message = dumps(torch.arange(10), to_device=False)
-    magic, head_len = transport.PREFIX.unpack_from(message)
-    start = transport.PREFIX.size
-    ((lo, nbytes, size, name),) = transport.pickle.loads(message[start : start + head_len])
+    magic, head_len = messages.PREFIX.unpack_from(message)
+    start = messages.PREFIX.size
+    ((lo, nbytes, size, name),) = pickle.loads(message[start : start + head_len])
     assert (nbytes, name) == (80, None)
-    head = transport.pickle.dumps([(lo, 40, 48, None)])
+    head = pickle.dumps([(lo, 40, 48, None)])
     body = message[start + head_len + nbytes :]
-    forged = transport.PREFIX.pack(magic, len(head)) + head + message[start + head_len : start + head_len + 40] + body
+    forged = messages.PREFIX.pack(magic, len(head)) + head + message[start + head_len : start + head_len + 40] + body
     with pytest.raises(SerializationError, match="lies outside the bytes sent"):
         loads(forged)
 
@@ -901,9 +902,9 @@ def test_a_tensor_reaching_past_the_bytes_sent_is_refused():
     ids=["foreign segment", "huge buffer", "negative offset", "not a number", "not an entry"],
 )
 def test_a_corrupt_storage_table_is_refused(entry):
-    head = transport.pickle.dumps([entry])
+    head = pickle.dumps([entry])
     with pytest.raises(SerializationError, match="table of a message is corrupt"):
-        loads(transport.PREFIX.pack(transport.MAGIC, len(head)) + head + bytes(16))
+        loads(messages.PREFIX.pack(messages.MAGIC, len(head)) + head + bytes(16))
 
 
 def test_send_to_a_closed_peer_raises_eof_and_releases_segments(channels):
