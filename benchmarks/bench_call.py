@@ -16,26 +16,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
 
-from rich.console import Console
 from rich.table import Table
 
+from zerogpu.bench.model import build_model, model_shape
 from zerogpu.units import describe_size, parse_size
 
+from report import command_line, console, machine, median, write_figures
 
 
-def build_model(nbytes: int):
-    """Square float32 linear layers of 16 MiB each (fewer for small sizes), about nbytes in all."""
-    import torch
-
-    width = 2048 if nbytes >= 64 * 2**20 else 256
-    layer_bytes = width * width * 4
-    layers = max(1, round(nbytes / layer_bytes))
-    return torch.nn.Sequential(*[torch.nn.Linear(width, width, bias=False) for _ in range(layers)])
+def model_of_size(nbytes: int):
+    """`zerogpu bench`'s model (square float32 linear layers, each followed by tanh), about nbytes in all."""
+    return build_model(*model_shape(nbytes))
 
 
 def enable(idle_timeout: float) -> None:
@@ -47,7 +42,7 @@ def enable(idle_timeout: float) -> None:
 
 
 def median_ms(samples: list[float]) -> float:
-    return statistics.median(samples) * 1e3
+    return median(samples) * 1e3
 
 
 def measure_overhead(repeat: int, model_bytes: int) -> dict:
@@ -58,11 +53,12 @@ def measure_overhead(repeat: int, model_bytes: int) -> dict:
     from zerogpu.call.call import Call
     from zerogpu.call.warm import pool
 
-    model = build_model(model_bytes)
-    x = torch.randn(1, model[0].in_features)
+    model = model_of_size(model_bytes)
+    first = model.layers[0]
+    x = torch.randn(1, first.in_features)
 
     def first_row(x):
-        return model[0](x)[0, :4]
+        return first(x)[0, :4]
 
     in_process = []
     for _ in range(repeat):
@@ -110,7 +106,7 @@ def probe_fork(nbytes: int, packed: bool) -> None:
     import zerogpu
     from zerogpu.call import worker
 
-    model = build_model(nbytes)
+    model = model_of_size(nbytes)
     model.to("cuda")
     if packed:
         zerogpu.startup()
@@ -173,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     overhead = measure_overhead(args.repeat, parse_size(args.model_size))
     backend = runtime.backend()
 
-    console = Console()
+    out = console()
     table = Table(title=f"Per-call overhead ({backend} backend, model {describe_size(overhead['model_bytes'])}, "
                         f"median of {args.repeat})")
     table.add_column("call")
@@ -184,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         table.add_row(name.replace("_", "-"), f"{ms:.2f}", f"{ms / overhead['in_process_ms']:.0f}")
     for name, ms in overhead["cold_phases_ms"].items():
         table.add_row(f"  cold: {name}", f"{ms:.2f}", "")
-    console.print(table)
+    out.print(table)
 
     table = Table(title=f"Parent fork time by model size (median of {args.repeat})")
     table.add_column("model")
@@ -196,12 +192,11 @@ def main(argv: list[str] | None = None) -> int:
         for row in rows:
             table.add_row(describe_size(row["model_bytes"]), "snapshot" if packed else "ordinary memory",
                           f"{row['fork_ms']:.2f}", f"{row['fork_ms'] / rows[0]['fork_ms']:.2f}")
-    console.print(table)
+    out.print(table)
 
     if args.json:
-        with open(args.json, "w") as out:
-            json.dump({"backend": backend, "repeat": args.repeat, "overhead": overhead, "forks": forks}, out,
-                      indent=2)
+        write_figures(args.json, {"benchmark": "call", "command": command_line(argv), "machine": machine(),
+                                  "backend": backend, "repeat": args.repeat, "overhead": overhead, "forks": forks}, out)
     runtime.disable()
     return 0
 

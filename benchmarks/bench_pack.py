@@ -27,12 +27,10 @@ Medians over the repeats; GB/s are 10^9 bytes per second.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import mmap
 import os
 import secrets
-import statistics
 import sys
 import tempfile
 import time
@@ -45,12 +43,11 @@ import posix_ipc
 import safetensors
 import safetensors.torch
 import torch
-from rich.console import Console
 from rich.table import Table
 
 from zerogpu.snapshot.snapshot import Snapshot
 
-from report import machine, size_argument
+from report import Timings, command_line, console, machine, size_argument, timed, write_figures
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -59,18 +56,10 @@ TARGET = 0.8  # pack / numpy.copyto into new shared memory
 
 
 @dataclass
-class Measure:
+class Measure(Timings):
     name: str
     nbytes: int
     seconds: list[float] = field(default_factory=list)
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.seconds)
-
-    @property
-    def gbps(self) -> float:
-        return self.nbytes / self.median / 1e9
 
     def row(self) -> dict:
         return {"name": self.name, "nbytes": self.nbytes, "seconds": self.seconds,
@@ -181,12 +170,6 @@ def fallocate_new_segment(nbytes: int) -> float:
         segment.unlink()
 
 
-def timed(call) -> tuple[float, object]:
-    start = time.perf_counter()
-    result = call()
-    return time.perf_counter() - start, result
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=size_argument, default="1GB", help="total bytes of the model (default 1GB)")
@@ -197,11 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeat < 1 or size <= 0:
         parser.error("--repeat and --size must be positive")
 
-    console = Console(width=None if sys.stdout.isatty() else 140)
+    out = console()
     tensors = model_like(size)
     sources = distinct_storages(tensors)
     nbytes = sum(source.size for source in sources)
-    console.print(f"model: {len(tensors)} tensors, {len(sources)} storages, {nbytes / GiB:.3f} GiB")
+    out.print(f"model: {len(tensors)} tensors, {len(sources)} storages, {nbytes / GiB:.3f} GiB")
 
     pack = Measure("Snapshot.pack", nbytes)
     copyto_new = Measure("numpy.copyto, new shared memory", nbytes)
@@ -222,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         untied = {name: tensor for name, tensor in tensors.items() if name != "lm_head.weight"}
         safetensors.torch.save_file(untied, path)
         for index in range(args.repeat):
-            console.print(f"repeat {index + 1}/{args.repeat} ...")
+            out.print(f"repeat {index + 1}/{args.repeat} ...")
             seconds, snapshot = timed(lambda: Snapshot.pack(tensors))
             pack.seconds.append(seconds)
             locked.append(locked_bytes() >= nbytes)
@@ -258,18 +241,18 @@ def main(argv: list[str] | None = None) -> int:
         rate = "" if measure is attach else f"{measure.gbps:.2f}"  # attaching copies nothing
         table.add_row(measure.name, f"{measure.median:.4f}", f"{min(measure.seconds):.4f}-{max(measure.seconds):.4f}",
                       rate)
-    console.print(table)
+    out.print(table)
     for warning in {str(warning.message) for warning in caught}:
-        console.print(warning)
+        out.print(warning)
     for name, ratio in ratios.items():
-        console.print(f"{name}: {ratio:.2f}")
+        out.print(f"{name}: {ratio:.2f}")
     met = ratios["pack / copyto new shared memory"] >= TARGET
-    console.print(f"target pack >= {TARGET} x numpy.copyto into new shared memory: {'met' if met else 'NOT met'}; "
+    out.print(f"target pack >= {TARGET} x numpy.copyto into new shared memory: {'met' if met else 'NOT met'}; "
                   f"segment locked in RAM: {'yes' if all(locked) else 'no (RLIMIT_MEMLOCK)'}")
 
     report = {
         "benchmark": "pack",
-        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "command": command_line(argv),
         "machine": machine(safetensors=safetensors.__version__, euid=os.geteuid(),
                            memlock_limit=open("/proc/self/limits").read().split("Max locked memory")[1].split()[:2]),
         "size": nbytes,
@@ -281,8 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         "ratios": ratios,
         "target": {"pack / copyto new shared memory": TARGET, "met": met},
     }
-    args.json.write_text(json.dumps(report, indent=2))
-    console.print(f"figures written to {args.json}")
+    write_figures(args.json, report, out)
     return 0 if met else 1
 
 

@@ -25,11 +25,8 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import mmap
-import statistics
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -41,7 +38,8 @@ from rich.table import Table
 from zerogpu.cuda import engine as zengine
 from zerogpu.cuda.engine import STRATEGIES, Engine
 
-from report import describe_size, machine, size_argument
+from report import (Timings, command_line, console, describe_size, machine, median, size_argument, timed,
+                    write_figures)
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -51,7 +49,7 @@ SWEEP_CHUNKS = (1 * MiB, 4 * MiB, 16 * MiB, 64 * MiB, 256 * MiB)
 
 
 @dataclass
-class Result:
+class Result(Timings):
     size: int
     name: str  # "numpy.copyto", "pinned cuMemcpyHtoD" or the strategy
     chunk_bytes: int = 0
@@ -65,18 +63,14 @@ class Result:
     ratio: float | None = None
 
     @property
-    def median(self) -> float:
-        return statistics.median(self.seconds)
-
-    @property
-    def gbps(self) -> float:
-        return self.size / self.median / 1e9
+    def nbytes(self) -> int:
+        return self.size
 
     def row(self) -> dict:
         data = asdict(self)
         data.update(median_seconds=self.median, gbps=self.gbps)
         if self.register_seconds:
-            data["register_seconds_per_gb"] = statistics.median(self.register_seconds) / (self.size / 1e9)
+            data["register_seconds_per_gb"] = median(self.register_seconds) / (self.size / 1e9)
         return data
 
 
@@ -96,12 +90,6 @@ def shared_source(nbytes: int) -> tuple[mmap.mmap, np.ndarray]:
 
 def host_view(address: int, nbytes: int) -> np.ndarray:
     return np.frombuffer((ctypes.c_uint8 * nbytes).from_address(address), dtype=np.uint8)
-
-
-def timed(call) -> float:
-    start = time.perf_counter()
-    call()
-    return time.perf_counter() - start
 
 
 class Bench:
@@ -138,7 +126,7 @@ class Bench:
                     variant.limit_seconds.append(paired)
                     variant.seconds.append(self.restore(src, destination, variant))
             for variant in variants:
-                variant.ratio = statistics.median(
+                variant.ratio = median(
                     limit / seconds for limit, seconds in zip(variant.limit_seconds, variant.seconds)
                 )
             self.results += [limit, *variants]
@@ -159,7 +147,7 @@ class Bench:
         if self.pinned_limit:
             return self.engine.copy_plain(pinned, destination)
         dst = host_view(destination.address, destination.nbytes)
-        return timed(lambda: np.copyto(dst, src))
+        return timed(lambda: np.copyto(dst, src))[0]
 
     def variants(self, size: int, sweep: bool) -> list[Result]:
         variants = []
@@ -175,16 +163,14 @@ class Bench:
         return variants
 
     def restore(self, src: np.ndarray, destination, variant: Result) -> float:
-        start = time.perf_counter()
-        stats = self.engine.restore(
+        seconds, stats = timed(lambda: self.engine.restore(
             src,
             destination,
             strategy=variant.name,
             chunk_bytes=variant.chunk_bytes,
             streams=variant.streams,
             threads=variant.threads,
-        )
-        seconds = time.perf_counter() - start
+        ))
         if variant.name == "register":
             variant.register_seconds.append(stats.register_seconds)
         return seconds
@@ -206,7 +192,7 @@ class Bench:
         return True
 
 
-def print_table(console: Console, engine: Engine, results: list[Result]) -> None:
+def print_table(out: Console, engine: Engine, results: list[Result]) -> None:
     limit_name = results[0].name
     table = Table(title=f"Restore throughput on {engine.device_name} ({engine.backend})")
     for column in ("size", "copy", "chunk", "streams", "threads", "median s", "GB/s", f"/ {limit_name}", "exact"):
@@ -214,7 +200,7 @@ def print_table(console: Console, engine: Engine, results: list[Result]) -> None
     table.add_column("register s/GB", justify="right")
     for result in results:
         is_limit = result.ratio is None
-        per_gb = statistics.median(result.register_seconds) / (result.size / 1e9) if result.register_seconds else None
+        per_gb = median(result.register_seconds) / (result.size / 1e9) if result.register_seconds else None
         table.add_row(
             describe_size(result.size),
             result.name,
@@ -227,7 +213,7 @@ def print_table(console: Console, engine: Engine, results: list[Result]) -> None
             "" if result.bit_exact is None else ("yes" if result.bit_exact else "NO"),
             "" if per_gb is None else f"{per_gb:.4f}",
         )
-    console.print(table)
+    out.print(table)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -255,16 +241,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeat < 1 or any(t < 1 for t in args.threads) or any(s <= 0 for s in sizes):
         parser.error("repeat, threads and sizes must be positive")
 
-    console = Console(width=None if sys.stdout.isatty() else 140)
+    out = console()
     with Engine(backend) as engine:
         bench = Bench(engine, args)
         for index, size in enumerate(sizes):
-            console.print(f"measuring {describe_size(size)} ...")
+            out.print(f"measuring {describe_size(size)} ...")
             bench.run_size(size, sweep=args.sweep and index == 0)
-        print_table(console, engine, bench.results)
+        print_table(out, engine, bench.results)
         report = {
             "benchmark": "restore",
-            "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+            "command": command_line(argv),
             "backend": backend,
             "device": engine.device_name,
             "driver": zengine.driver_info() if on_gpu else None,
@@ -272,8 +258,7 @@ def main(argv: list[str] | None = None) -> int:
             "repeat": args.repeat,
             "results": [result.row() for result in bench.results],
         }
-    args.json.write_text(json.dumps(report, indent=2))
-    console.print(f"figures written to {args.json}")
+    write_figures(args.json, report, out)
     inexact = [r for r in bench.results if r.bit_exact is False]
     return 1 if inexact else 0
 

@@ -23,12 +23,9 @@ from __future__ import annotations
 
 import argparse
 import heapq
-import json
 import os
-import platform
 import random
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,10 +33,8 @@ import textwrap
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import date
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
 from zerogpu.schedule.client import DaemonClient
@@ -50,6 +45,8 @@ from zerogpu.schedule.policy import DAILY_QUOTA, SIZE_WEIGHT, Policy
 from zerogpu.schedule.quota import QuotaLedger
 from zerogpu.schedule.leases import LeaseRequest, Waiter
 from zerogpu.schedule.scheduler import EmbeddedScheduler
+
+from report import command_line, console, machine, median, write_figures
 
 GPUS = 4
 ROOMY = Policy(daily_quota={tier: 1e12 for tier in TIERS})
@@ -382,11 +379,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", type=Path, default=Path("bench_scheduler.json"), help="where to write the figures")
     args = parser.parse_args(argv)
-    console = Console()
+    out = console()
 
     with tempfile.TemporaryDirectory(prefix="zg-bench-", dir="/tmp") as tmp:
         folder = Path(tmp)
-        console.print("measuring lease throughput ...")
+        out.print("measuring lease throughput ...")
         runs: dict[str, list[float]] = {name: [] for name in (
             "embedded, 1 thread", "embedded, 4 threads", "daemon, 1 client process", "daemon, 4 client processes")}
         daemon = DaemonProcess(folder)
@@ -398,10 +395,10 @@ def main(argv: list[str] | None = None) -> int:
                 runs["daemon, 4 client processes"].append(daemon_rate(daemon, args.pairs // 4, 4))
         finally:
             daemon.stop()
-        rates = {name: statistics.median(values) for name, values in runs.items()}
+        rates = {name: median(values) for name, values in runs.items()}
         simulations = []
         for rate in (float(text) for text in args.rates.split(",")):
-            console.print(f"simulating {args.calls} calls over {GPUS} emulated GPUs, {rate:g} arrivals/s ...")
+            out.print(f"simulating {args.calls} calls over {GPUS} emulated GPUs, {rate:g} arrivals/s ...")
             calls = workload(args.calls, args.seed, rate)
             began = time.perf_counter()
             sim = simulate(calls, folder / f"sim-{rate:g}", Policy(), args.timeout)
@@ -415,29 +412,27 @@ def main(argv: list[str] | None = None) -> int:
         target = targets[name.split(",")[0]]
         table.add_row(name, f"{rate:,.0f}", f"{min(runs[name]):,.0f} - {max(runs[name]):,.0f}",
                       f"{target:,}" + (" ok" if rate >= target else " MISSED"))
-    console.print(table)
+    out.print(table)
 
     for summary in simulations:
-        console.print(simulation_table(summary, args.timeout))
-        console.print(f"offered load: {summary['offered_load']:.2f} x the GPUs' capacity; utilization while calls "
+        out.print(simulation_table(summary, args.timeout))
+        out.print(f"offered load: {summary['offered_load']:.2f} x the GPUs' capacity; utilization while calls "
                       f"were waiting: {summary['utilization_while_waiting']:.1%} (target 95%)")
-        console.print(f"order check: {summary['overtakes']} overtakes of a better-ranked waiting call, "
+        out.print(f"order check: {summary['overtakes']} overtakes of a better-ranked waiting call, "
                       f"{len(summary['violations'])} not allowed by the policy")
         for line in summary["violations"][:10]:
-            console.print(f"  {line}")
+            out.print(f"  {line}")
 
     report = {
         "benchmark": "bench_scheduler",
-        "date": date.today().isoformat(),
-        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform(),
-                    "load_average": os.getloadavg()},
+        "command": command_line(argv),
+        "machine": machine(),
         "throughput_pairs_per_s": rates,
         "throughput_runs": runs,
         "simulation": {"calls": args.calls, "gpus": GPUS, "seed": args.seed, "queue_timeout_s": args.timeout,
                        "runs": simulations},
     }
-    args.json.write_text(json.dumps(report, indent=2))
-    console.print(f"figures written to {args.json}")
+    write_figures(args.json, report, out)
     return 0
 
 

@@ -22,11 +22,9 @@ items) through dumps/loads against cloudpickle.dumps/pickle.loads.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pickle
 import socket
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -34,14 +32,12 @@ from pathlib import Path
 import cloudpickle
 import numpy as np
 import torch
-from rich.console import Console
 from rich.table import Table
 
 from zerogpu.call import transport
 from zerogpu.call.transport import Channel
 
-from report import describe_size, machine, size_argument
-
+from report import command_line, console, describe_size, gbps, machine, median, size_argument, timed, write_figures
 
 
 def serve(channel: Channel, size: int, path: str) -> None:
@@ -110,24 +106,18 @@ def measure_memcpy(size: int, repeat: int) -> dict:
     source = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8)
     target = np.empty(size, dtype=np.uint8)
     np.copyto(target, source)
-    seconds = []
-    for _ in range(repeat):
-        started = time.perf_counter()
-        np.copyto(target, source)
-        seconds.append(time.perf_counter() - started)
+    seconds = [timed(lambda: np.copyto(target, source))[0] for _ in range(repeat)]
     return row(size, "memcpy", seconds, seconds, None)
 
 
 def row(size: int, path: str, delivered: list[float], read_once: list[float], bit_exact: bool | None) -> dict:
-    median = statistics.median(delivered)
-    median_read = statistics.median(read_once)
     return {
         "size": size,
         "path": path,
-        "delivered_s": median,
-        "read_once_s": median_read,
-        "delivered_gbps": size / median / 1e9,
-        "read_once_gbps": size / median_read / 1e9,
+        "delivered_s": median(delivered),
+        "read_once_s": median(read_once),
+        "delivered_gbps": gbps(size, delivered),
+        "read_once_gbps": gbps(size, read_once),
         "bit_exact": bit_exact,
         "delivered_all_s": delivered,
         "read_once_all_s": read_once,
@@ -153,8 +143,8 @@ def measure_objects(repeat: int) -> list[dict]:
             {
                 "path": name,
                 "bytes": len(data),
-                "dumps_s": statistics.median(dumped),
-                "loads_s": statistics.median(loaded),
+                "dumps_s": median(dumped),
+                "loads_s": median(loaded),
             }
         )
     return rows
@@ -170,10 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeat < 1 or any(size < 4 or size % 4 for size in sizes):
         parser.error("repeat must be positive and sizes multiples of 4 bytes")
 
-    console = Console()
+    out = console()
     results = []
     for size in sizes:
-        console.print(f"measuring {describe_size(size)} ...")
+        out.print(f"measuring {describe_size(size)} ...")
         for path in ("zerogpu.call.transport", "pickle in frame"):
             results.append(measure_path(size, path, args.repeat))
         results.append(measure_memcpy(size, args.repeat))
@@ -192,25 +182,24 @@ def main(argv: list[str] | None = None) -> int:
             f"{result['read_once_gbps']:.2f}",
             "" if result["bit_exact"] is None else ("yes" if result["bit_exact"] else "NO"),
         )
-    console.print(table)
+    out.print(table)
     table = Table(title="message without tensors: a dict of 10,000 small items")
     for column in ("path", "bytes", "dumps s", "loads s"):
         table.add_column(column, justify="left" if column == "path" else "right")
     for result in objects:
         table.add_row(result["path"], str(result["bytes"]), f"{result['dumps_s']:.5f}", f"{result['loads_s']:.5f}")
-    console.print(table)
+    out.print(table)
 
     report = {
         "benchmark": "transport",
-        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "command": command_line(argv),
         "threshold_bytes": transport.TENSOR_SHM_THRESHOLD,
         "machine": machine(),
         "repeat": args.repeat,
         "tensors": results,
         "objects": objects,
     }
-    args.json.write_text(json.dumps(report, indent=2))
-    console.print(f"figures written to {args.json}")
+    write_figures(args.json, report, out)
     return 1 if any(result["bit_exact"] is False for result in results) else 0
 
 
