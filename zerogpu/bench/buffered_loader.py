@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from ..units import round_up
+
 MiB = 2**20
 PAGE = os.sysconf("SC_PAGE_SIZE")
 # The `spaces` loader reads through two pinned buffers of 128 MiB.
@@ -137,7 +139,3 @@ def read_exactly(fd: int, target: memoryview, offset: int) -> None:
         if count == 0:
             raise EOFError(f"the bench's weight file ended {len(target) - done} bytes early")
         done += count
-
-
-def round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
