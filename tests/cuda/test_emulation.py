@@ -730,19 +730,16 @@ def test_a_thread_lets_go_of_the_emulation_when_it_ends(emulated, monkeypatch):
     assert released == [(thread.ident, 0)]
 
 
-def test_a_thread_started_before_patch_is_told_why_cuda_fails():
+def run_in_a_thread_started_before_patch(work, name: str = "early-worker") -> None:
+    """Start a thread, patch torch while it waits, then let it run `work`."""
     started, go = threading.Event(), threading.Event()
-    errors = []
 
     def early() -> None:
         started.set()
         go.wait()
-        try:
-            torch.zeros(1, device="cuda")
-        except Exception as error:  # noqa: BLE001 - the test inspects it
-            errors.append(error)
+        work()
 
-    thread = threading.Thread(target=early, name="early-worker")
+    thread = threading.Thread(target=early, name=name)
     thread.start()
     started.wait()
     emulation.patch()
@@ -751,6 +748,18 @@ def test_a_thread_started_before_patch_is_told_why_cuda_fails():
         thread.join()
     finally:
         emulation.unpatch()
+
+
+def test_a_thread_started_before_patch_is_told_why_cuda_fails():
+    errors = []
+
+    def work() -> None:
+        try:
+            torch.zeros(1, device="cuda")
+        except Exception as error:  # noqa: BLE001 - the test inspects it
+            errors.append(error)
+
+    run_in_a_thread_started_before_patch(work)
 
     assert len(errors) == 1
     assert isinstance(errors[0], CudaInitialized)
@@ -759,25 +768,16 @@ def test_a_thread_started_before_patch_is_told_why_cuda_fails():
 
 
 def test_activate_brings_the_emulation_to_a_thread_started_before_patch():
-    started, go = threading.Event(), threading.Event()
     results = []
 
-    def early() -> None:
-        started.set()
-        go.wait()
+    def work() -> None:
         emulation.activate()
         made = torch.zeros(2, device="cuda")
         results.append((emulation.is_cuda(made), str(made.device)))
 
-    thread = threading.Thread(target=early)
-    thread.start()
-    started.wait()
-    emulation.patch()
     try:
-        go.set()
-        thread.join()
+        run_in_a_thread_started_before_patch(work)
     finally:
-        emulation.unpatch()
         forget_marks()
     assert results == [(True, "cuda:0")]
 
