@@ -7,18 +7,21 @@ import stat
 import subprocess
 import sys
 import textwrap
+import math
 import threading
 
 import pytest
 
 from zerogpu.errors import InvalidArgument, QuotaExceeded, SchedulerError
-from zerogpu.identity import ANONYMOUS, Identity
+from zerogpu.identity import Identity
 from zerogpu.schedule.policy import Policy
 from zerogpu.schedule.quota import DAY, Owner, QuotaLedger, next_reset, spell_seconds, this_process
 
 FREE = Identity("ada", "free")
 PRO = Identity("grace", "pro")
 NOON = 20000 * DAY + DAY / 2  # a fixed UTC noon
+
+ANONYMOUS = Identity("anonymous:192.0.2.1", "anonymous")
 
 
 class Clock:
@@ -41,22 +44,24 @@ def ledger(tmp_path, clock):
     opened.close()
 
 
-def test_defaults_follow_the_published_tiers():
+def test_defaults_follow_the_published_tiers_and_leave_the_app_unlimited():
     policy = Policy()
-    assert dict(policy.daily_quota) == {"anonymous": 120.0, "free": 210.0, "pro": 1500.0}
+    assert dict(policy.daily_quota) == {"anonymous": 120.0, "free": 210.0, "pro": 1500.0, "app": math.inf}
     assert dict(policy.max_duration) == dict(policy.daily_quota)
+    assert policy.describe()["daily_quota"]["app"] is None  # JSON has no infinity
 
 
 def test_overrides_replace_only_the_tiers_named():
     policy = Policy(daily_quota={"pro": 3600}, max_duration={"free": 60})
     assert policy.daily_quota["pro"] == 3600 and policy.daily_quota["free"] == 210
-    assert policy.max_duration == {"anonymous": 120, "free": 60, "pro": 3600}
+    assert policy.max_duration == {"anonymous": 120, "free": 60, "pro": 3600, "app": math.inf}
 
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"daily_quota": {"gold": 10}}, "unknown tier 'gold'"),
     ({"daily_quota": {"free": -1}}, "positive number"),
-    ({"max_duration": {"pro": float("inf")}}, "positive number"),
+    ({"max_duration": {"pro": float("nan")}}, "positive number"),
+    ({"daily_quota": {"app": 0}}, "positive number"),
     ({"large_per_gpu": 0}, "at least 1"),
     ({"aging": 0}, "aging"),
 ])

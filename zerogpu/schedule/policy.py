@@ -2,10 +2,12 @@
 
 Quotas are GPU seconds per identity per UTC day, counted in `large` seconds:
 a `large` call holds half a GPU, an `xlarge` call a whole one and costs twice
-as much. The defaults follow ZeroGPU's published daily tiers.
+as much. The visitor tiers follow ZeroGPU's published daily quotas; the
+app's own account (tier `app`, the calls made with no visitor's identity)
+has none, and no longest call, unless ZEROGPU_QUOTA names `app=SECONDS`.
 
-Who goes first is a sort key (smaller first): tier (pro, then free, then
-anonymous), then quota left (more first), then the duration asked for
+Who goes first is a sort key (smaller first): tier (pro, then free and app,
+then anonymous), then quota left (more first), then the duration asked for
 (shorter first), then arrival. Waiting lifts a call one tier for every
 `aging` seconds waited, so a call that arrived at `t` can only be overtaken
 by calls that arrived before `t + (tier gap + 1) * aging`: nothing starves.
@@ -20,12 +22,14 @@ from types import MappingProxyType
 
 from .. import settings
 from ..errors import InvalidArgument
-from ..identity import TIERS
+from ..identity import APP_TIER, TIERS
 
 SIZES = ("large", "xlarge")
 SIZE_WEIGHT = MappingProxyType({"large": 1, "xlarge": 2})
-TIER_RANK = MappingProxyType({tier: rank for rank, tier in enumerate(TIERS)})
-DAILY_QUOTA = MappingProxyType({"anonymous": 120.0, "free": 210.0, "pro": 1500.0})
+# The app's own calls queue with the free tier's: above anonymous visitors, below pro.
+TIER_RANK = MappingProxyType({"anonymous": 0, "free": 1, APP_TIER: 1, "pro": 2})
+UNLIMITED = math.inf
+DAILY_QUOTA = MappingProxyType({"anonymous": 120.0, "free": 210.0, "pro": 1500.0, APP_TIER: UNLIMITED})
 DEFAULT_AGING = 30.0
 
 
@@ -34,8 +38,9 @@ class Policy:
     """How one node shares its GPUs.
 
     `daily_quota`: large-seconds per identity per UTC day, by tier (missing
-    tiers keep ZEROGPU_QUOTA's value, else ZeroGPU's defaults). `max_duration`: the longest call a tier may
-    ask for, in seconds (default: its daily quota). `large_per_gpu`: how many
+    tiers keep ZEROGPU_QUOTA's value, else ZeroGPU's defaults; math.inf for
+    none). `max_duration`: the longest call a tier may ask for, in seconds
+    (default: its daily quota). `large_per_gpu`: how many
     `large` calls share one GPU, each capped to that fraction of its memory.
     `aging`: seconds of waiting that lift a call by one tier.
     """
@@ -52,7 +57,7 @@ class Policy:
             for tier, seconds in table.items():
                 if tier not in TIERS:
                     raise InvalidArgument(f"{name} names the unknown tier {tier!r}: use {', '.join(TIERS)}")
-                if not is_number(seconds) or not math.isfinite(seconds) or seconds <= 0:
+                if not is_number(seconds) or math.isnan(seconds) or seconds <= 0:
                     raise InvalidArgument(f"{name}[{tier!r}] must be a positive number of seconds, not {seconds!r}")
         if not isinstance(self.large_per_gpu, int) or isinstance(self.large_per_gpu, bool) or self.large_per_gpu < 1:
             raise InvalidArgument(f"large_per_gpu must be a whole number of at least 1, not {self.large_per_gpu!r}")
@@ -79,15 +84,16 @@ class Policy:
         longest = self.max_duration[tier]
         if duration > longest:
             raise InvalidArgument(
-                f"duration {duration:g} s is above the {tier} tier's maximum of {longest:g} s per call: "
-                "ask for less"
+                f"duration {duration:g} s is above the {tier_name(tier)}'s maximum of {longest:g} s per call: "
+                f"ask for less{raise_it(tier)}"
             )
         cost = self.cost(duration, size)
         daily = self.daily_quota[tier]
         if cost > daily:
             raise InvalidArgument(
-                f"an {size} call of {duration:g} s costs {cost:g} s of quota, more than the {tier} "
-                f"tier's daily {daily:g} s: ask for at most {daily / SIZE_WEIGHT[size]:g} s or use size='large'"
+                f"an {size} call of {duration:g} s costs {cost:g} s of quota, more than the {tier_name(tier)}'s "
+                f"daily {daily:g} s: ask for at most {daily / SIZE_WEIGHT[size]:g} s or use size='large'"
+                f"{raise_it(tier)}"
             )
 
     def level(self, tier: str, waited: float) -> int:
@@ -101,11 +107,25 @@ class Policy:
     def describe(self) -> dict:
         """The policy as plain data (for status and the daemon's hello)."""
         return {
-            "daily_quota": dict(self.daily_quota),
-            "max_duration": dict(self.max_duration),
+            "daily_quota": {tier: finite_or_none(s) for tier, s in self.daily_quota.items()},
+            "max_duration": {tier: finite_or_none(s) for tier, s in self.max_duration.items()},
             "large_per_gpu": self.large_per_gpu,
             "aging": self.aging,
         }
+
+
+def tier_name(tier: str) -> str:
+    return "app's own account" if tier == APP_TIER else f"{tier} tier"
+
+
+def raise_it(tier: str) -> str:
+    """How the operator changes the app's own limits (visitors' are ZeroGPU's)."""
+    return f", or raise it with ZEROGPU_QUOTA={APP_TIER}=SECONDS" if tier == APP_TIER else ""
+
+
+def finite_or_none(seconds: float) -> float | None:
+    """Seconds as plain data: None for no limit (JSON has no infinity)."""
+    return seconds if math.isfinite(seconds) else None
 
 
 def is_number(value: object) -> bool:

@@ -144,6 +144,13 @@ class Balance:
     def left(self) -> float:
         return max(self.limit - self.used - self.reserved, 0.0)
 
+    def describe(self) -> dict:
+        """As plain data for status; None for the limit and what is left when there is no limit."""
+        unlimited = math.isinf(self.limit)
+        return {"user": self.identity.user, "tier": self.identity.tier,
+                "limit": None if unlimited else self.limit, "used": self.used, "reserved": self.reserved,
+                "left": None if unlimited else self.left}
+
 
 def day_of(moment: float) -> str:
     """The UTC date of `moment`, as the ledger keys it."""

@@ -472,11 +472,7 @@ class EmbeddedScheduler(Scheduler):
             ],
             "leases": leases,
             "queue": queue,
-            "quota": [
-                {"user": b.identity.user, "tier": b.identity.tier, "limit": b.limit, "used": b.used,
-                 "reserved": b.reserved, "left": b.left}
-                for b in self.ledger.balances()
-            ],
+            "quota": [b.describe() for b in self.ledger.balances()],
             "resets_at": next_reset(wall),
             "policy": self.policy.describe(),
         }
