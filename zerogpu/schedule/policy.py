@@ -102,6 +102,10 @@ class Policy:
 
     def priority(self, tier: str, left: float, duration: float, arrival: float, now: float) -> tuple:
         """The sort key of a waiting call at time `now`: smaller goes first."""
+        if tier == APP_TIER:
+            # The app's own account ranks as a free visitor with a whole day's quota would,
+            # not ahead of every one of them for having no limit.
+            left = min(left, self.daily_quota["free"])
         return (-self.level(tier, now - arrival), -left, duration, arrival)
 
     def describe(self) -> dict:
