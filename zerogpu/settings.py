@@ -75,8 +75,8 @@ def queue_timeout() -> float:
 
 
 def timeout_grace() -> float:
-    """ZEROGPU_TIMEOUT_GRACE: seconds a call may run past its duration before it is killed."""
-    return number("ZEROGPU_TIMEOUT_GRACE", 5.0)
+    """ZEROGPU_TIMEOUT_GRACE: seconds a call may run past its duration before it is killed (default 1)."""
+    return number("ZEROGPU_TIMEOUT_GRACE", 1.0)
 
 
 def cuda_visible_devices() -> str | None:
