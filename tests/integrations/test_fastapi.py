@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import psutil
@@ -20,7 +22,8 @@ from starlette.middleware.authentication import AuthenticationMiddleware
 import zerogpu
 from zerogpu.identity import Identity, current
 from zerogpu.integrations import fastapi as zerogpu_fastapi
-from zerogpu.schedule.quota import this_process
+from zerogpu.schedule.policy import Policy
+from zerogpu.schedule.quota import QuotaLedger, this_process
 from zerogpu.schedule.scheduler import LeaseRequest, reset_scheduler, scheduler
 
 HANG_GUARD = 60.0
@@ -325,3 +328,41 @@ def test_a_client_that_leaves_an_async_call_cancels_it(served):
     assert leave(served.url + "/stalls-async", 3) == "gave up"
     wait_until(no_leases, "the lease to come back")
     assert 2 < balances()[("anonymous:127.0.0.1", "anonymous")] < 30
+
+
+# -- the example ---------------------------------------------------------------------------
+
+EXAMPLE = Path(__file__).resolve().parent.parent.parent / "examples" / "fastapi_app.py"
+
+
+def test_the_fastapi_example_serves_under_zerogpu_run(tmp_path):
+    port = free_port()
+    environ = {**os.environ, "ZEROGPU_BACKEND": "emulated", "ZEROGPU_DATA_DIR": str(tmp_path), "PORT": str(port)}
+    for name in ("ZEROGPU_QUOTA", "ZEROGPU_APP", "ZEROGPU_SCHEDULER", "ZEROGPU_TRUSTED_PROXIES"):
+        environ.pop(name, None)
+    with open(tmp_path / "server.log", "w") as log:
+        server = subprocess.Popen([sys.executable, "-m", "zerogpu.cli", "run", str(EXAMPLE)], env=environ,
+                                  stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()
+            try:
+                answer = httpx.get(url + "/classify", params={"text": "hello"}, timeout=HANG_GUARD)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "the example did not start serving"
+                time.sleep(0.2)
+        assert answer.status_code == 200
+        assert answer.json()["label"] in ("negative", "neutral", "positive")
+        assert httpx.get(url + "/count", params={"n": 3}, timeout=HANG_GUARD).text == "0\n1\n2\n"
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.wait(HANG_GUARD)
+    ledger = QuotaLedger(tmp_path / "quota.sqlite3", Policy())
+    try:
+        accounts = {b.identity for b in ledger.balances()}
+    finally:
+        ledger.close()
+    assert accounts == {Identity("anonymous:127.0.0.1", "anonymous")}  # the visitor paid, not the app
