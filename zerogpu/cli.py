@@ -110,6 +110,8 @@ def run_script(script: str, args: list[str]) -> int:
         typer.echo(f"zerogpu run: can't open file {os.path.abspath(script)!r}: "
                    "[Errno 2] No such file or directory", err=True)
         return EXIT_USAGE
+    # Calls made with no visitor's identity run on the app's own account, named after the script.
+    os.environ.setdefault("ZEROGPU_APP", os.path.abspath(script))
     try:
         runtime.enable()
     except ZeroGPUError as error:

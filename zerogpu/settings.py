@@ -6,6 +6,7 @@ can change the environment before the first call.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 
@@ -74,8 +75,8 @@ def queue_timeout() -> float:
 
 
 def timeout_grace() -> float:
-    """ZEROGPU_TIMEOUT_GRACE: seconds a call may run past its duration before it is killed."""
-    return number("ZEROGPU_TIMEOUT_GRACE", 5.0)
+    """ZEROGPU_TIMEOUT_GRACE: seconds a call may run past its duration before it is killed (default 1)."""
+    return number("ZEROGPU_TIMEOUT_GRACE", 1.0)
 
 
 def cuda_visible_devices() -> str | None:
@@ -84,9 +85,10 @@ def cuda_visible_devices() -> str | None:
 
 
 def daily_quotas() -> dict[str, float]:
-    """ZEROGPU_QUOTA: daily GPU seconds by tier, e.g. "anonymous=600,free=900,pro=3600".
+    """ZEROGPU_QUOTA: daily GPU seconds by tier, e.g. "anonymous=600,free=900,pro=3600,app=7200".
 
-    Tiers not named keep ZeroGPU's defaults (anonymous 120, free 210, pro 1500).
+    Tiers not named keep ZeroGPU's defaults (anonymous 120, free 210, pro 1500);
+    the app's own account (tier `app`) has no daily quota unless named here.
     """
     value = os.environ.get("ZEROGPU_QUOTA", "")
     return tier_seconds([part for part in value.split(",") if part.strip()], "ZEROGPU_QUOTA")
@@ -104,6 +106,42 @@ def tier_seconds(items: list[str], where: str) -> dict[str, float]:
         if not sep:
             raise InvalidArgument(f"{where} {item!r}: write TIER=SECONDS, e.g. pro=3600")
     return table
+
+
+def app_name() -> str | None:
+    """ZEROGPU_APP: the name of the app's own quota account (`zerogpu run` sets it to the script)."""
+    return os.environ.get("ZEROGPU_APP", "").strip() or None
+
+
+def visitor_tiers() -> dict[str, str]:
+    """ZEROGPU_TIERS: the tier of each logged-in user, e.g. "alice=pro,bob=free" (others: free)."""
+    value = os.environ.get("ZEROGPU_TIERS", "")
+    table: dict[str, str] = {}
+    for item in (part for part in value.split(",") if part.strip()):
+        user, sep, tier = item.partition("=")
+        if not sep or not user.strip() or not tier.strip():
+            raise InvalidArgument(f"ZEROGPU_TIERS {item!r}: write USER=TIER, e.g. alice=pro")
+        table[user.strip()] = tier.strip()
+    return table
+
+
+def trusted_proxies() -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """ZEROGPU_TRUSTED_PROXIES: addresses or CIDRs whose forwarding headers name the client.
+
+    Empty by default: only the socket's peer counts, since any client can
+    write an X-Forwarded-For header.
+    """
+    value = os.environ.get("ZEROGPU_TRUSTED_PROXIES", "")
+    networks = []
+    for item in (part.strip() for part in value.split(",") if part.strip()):
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise InvalidArgument(
+                f"ZEROGPU_TRUSTED_PROXIES {item!r} is not an address or a network: "
+                "write e.g. 127.0.0.1,10.0.0.0/8"
+            ) from None
+    return networks
 
 
 def scheduler_socket() -> str | None:

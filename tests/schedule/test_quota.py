@@ -7,18 +7,24 @@ import stat
 import subprocess
 import sys
 import textwrap
+import math
 import threading
 
 import pytest
 
 from zerogpu.errors import InvalidArgument, QuotaExceeded, SchedulerError
-from zerogpu.identity import ANONYMOUS, Identity
+from zerogpu.identity import Identity
 from zerogpu.schedule.policy import Policy
-from zerogpu.schedule.quota import DAY, Owner, QuotaLedger, next_reset, spell_seconds, this_process
+from zerogpu.schedule.quota import (
+    DAY, Owner, QuotaLedger, clock_time, next_reset, spell_seconds, this_process,
+)
 
 FREE = Identity("ada", "free")
 PRO = Identity("grace", "pro")
 NOON = 20000 * DAY + DAY / 2  # a fixed UTC noon
+
+ANONYMOUS = Identity("anonymous:192.0.2.1", "anonymous")
+APP = Identity("my-app", "app")
 
 
 class Clock:
@@ -41,22 +47,24 @@ def ledger(tmp_path, clock):
     opened.close()
 
 
-def test_defaults_follow_the_published_tiers():
+def test_defaults_follow_the_published_tiers_and_leave_the_app_unlimited():
     policy = Policy()
-    assert dict(policy.daily_quota) == {"anonymous": 120.0, "free": 210.0, "pro": 1500.0}
+    assert dict(policy.daily_quota) == {"anonymous": 120.0, "free": 210.0, "pro": 1500.0, "app": math.inf}
     assert dict(policy.max_duration) == dict(policy.daily_quota)
+    assert policy.describe()["daily_quota"]["app"] is None  # JSON has no infinity
 
 
 def test_overrides_replace_only_the_tiers_named():
     policy = Policy(daily_quota={"pro": 3600}, max_duration={"free": 60})
     assert policy.daily_quota["pro"] == 3600 and policy.daily_quota["free"] == 210
-    assert policy.max_duration == {"anonymous": 120, "free": 60, "pro": 3600}
+    assert policy.max_duration == {"anonymous": 120, "free": 60, "pro": 3600, "app": math.inf}
 
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"daily_quota": {"gold": 10}}, "unknown tier 'gold'"),
     ({"daily_quota": {"free": -1}}, "positive number"),
-    ({"max_duration": {"pro": float("inf")}}, "positive number"),
+    ({"max_duration": {"pro": float("nan")}}, "positive number"),
+    ({"daily_quota": {"app": 0}}, "positive number"),
     ({"large_per_gpu": 0}, "at least 1"),
     ({"aging": 0}, "aging"),
 ])
@@ -114,11 +122,10 @@ def test_what_running_calls_reserved_counts_against_admission(ledger):
         ledger.admit(FREE, 100, "large", this_process())
     error = caught.value
     assert (error.requested, error.left) == (100, 60)
-    assert error.retry_at == next_reset(NOON)
+    assert error.retry_at == NOON + 150  # the running call has ended by then, and its reservation with it
     message = str(error)
-    for part in ("'ada' (free tier) asked for 100 s", "60 s of GPU quota left",
-                 "150 s held by running calls", "of 210 s", "when the running calls end",
-                 "00:00 UTC (in 12 h 0 min)"):
+    for part in ("'ada' (free tier) asked for 100 s", "60 s of GPU quota left today",
+                 "150 s held by running calls", "of 210 s", "Try again in 0:02:30"):
         assert part in message
     ledger.settle(first, 20)
     ledger.admit(FREE, 100, "large", this_process())
@@ -127,12 +134,45 @@ def test_what_running_calls_reserved_counts_against_admission(ledger):
 def test_exhausted_quota_comes_back_at_utc_midnight(ledger, clock):
     lease_id, _ = ledger.admit(ANONYMOUS, 120, "large", this_process())
     ledger.settle(lease_id, 120)
-    with pytest.raises(QuotaExceeded, match="resets at 00:00 UTC") as caught:
+    with pytest.raises(QuotaExceeded, match=r"Try again in 12:00:00$") as caught:
         ledger.admit(ANONYMOUS, 1, "large", this_process())
-    assert caught.value.left == 0
+    assert caught.value.left == 0 and caught.value.retry_at == next_reset(NOON)
     clock.now = next_reset(NOON) + 1
     assert ledger.balance(ANONYMOUS).used == 0
     ledger.admit(ANONYMOUS, 120, "large", this_process())
+
+
+def test_the_apps_own_account_has_no_daily_quota_by_default(ledger):
+    for _ in range(6):  # six xlarge calls of a day each, at once: none is refused
+        ledger.admit(APP, 86400, "xlarge", this_process())
+    balance = ledger.balance(APP)
+    assert balance.reserved == 6 * 2 * 86400 and balance.limit == math.inf
+    assert balance.describe()["limit"] is None and balance.describe()["left"] is None
+    for duration in (120, 180, 200, 300, 3600):
+        ledger.policy.check("app", duration, "xlarge")
+
+
+def test_a_quota_set_for_the_app_says_where_it_was_set(tmp_path, clock, monkeypatch):
+    monkeypatch.setenv("ZEROGPU_QUOTA", "app=100")
+    ledger = QuotaLedger(tmp_path / "quota.sqlite3", clock=clock)
+    try:
+        ledger.settle(ledger.admit(APP, 80, "large", this_process())[0], 80)
+        with pytest.raises(QuotaExceeded) as caught:
+            ledger.admit(APP, 30, "large", this_process())
+        message = str(caught.value)
+        for part in ("the app's own account 'my-app'", "20 s of its daily GPU quota left",
+                     "ZEROGPU_QUOTA=app=100", "raise it in ZEROGPU_QUOTA"):
+            assert part in message
+        with pytest.raises(InvalidArgument, match=r"above the app's own account's maximum of 100 s .*ZEROGPU_QUOTA"):
+            ledger.policy.check("app", 120, "large")
+    finally:
+        ledger.close()
+
+
+@pytest.mark.parametrize("seconds, spelled", [(0, "0:00:00"), (40.2, "0:00:41"), (11525, "3:12:05"),
+                                              (86400, "24:00:00")])
+def test_when_a_quota_comes_back_is_said_as_zerogpu_says_it(seconds, spelled):
+    assert clock_time(seconds) == spelled
 
 
 def test_a_call_is_charged_to_the_day_it_was_admitted(ledger, clock):

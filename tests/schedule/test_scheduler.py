@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import sys
 import threading
 import time
 
@@ -13,7 +15,7 @@ from hypothesis import HealthCheck, given, settings as hsettings, strategies as 
 from zerogpu.schedule import choice
 from zerogpu.cuda.devices import emulated_devices
 from zerogpu.errors import Cancelled, InvalidArgument, NoGPUAvailable, QuotaExceeded, SchedulerError
-from zerogpu.identity import ANONYMOUS, TIERS, Identity, current, identity
+from zerogpu.identity import TIERS, Identity, app_identity, current, identity
 from zerogpu.schedule.policy import TIER_RANK, Policy
 from zerogpu.schedule.quota import QuotaLedger, this_process
 from zerogpu.schedule.leases import Lease, LeaseRequest
@@ -22,6 +24,7 @@ from zerogpu.schedule.scheduler import EmbeddedScheduler
 ROOMY = {tier: 1e6 for tier in TIERS}
 PRO = Identity("grace", "pro")
 FREE = Identity("ada", "free")
+ANONYMOUS = Identity("anonymous:192.0.2.1", "anonymous")
 
 
 class Clock:
@@ -81,8 +84,12 @@ def cells(scheduler: EmbeddedScheduler) -> list[list[int | None]]:
 # -- identity ------------------------------------------------------------------------------
 
 
-def test_calls_run_as_the_shared_anonymous_identity_by_default():
-    assert current() == ANONYMOUS == Identity("anonymous", "anonymous")
+def test_calls_with_no_identity_run_on_the_apps_own_account(monkeypatch):
+    monkeypatch.delenv("ZEROGPU_APP", raising=False)
+    main = sys.modules["__main__"]
+    assert current() == app_identity() == Identity(os.path.abspath(main.__file__), "app")
+    monkeypatch.setenv("ZEROGPU_APP", "my-app")
+    assert current() == Identity("my-app", "app")
 
 
 def test_identity_holds_inside_its_block_only():
@@ -91,7 +98,7 @@ def test_identity_holds_inside_its_block_only():
         with identity("grace", tier="pro"):
             assert current() == PRO
         assert current() == outer
-    assert current() == ANONYMOUS
+    assert current() == app_identity()
 
 
 def test_identity_follows_asyncio_tasks():
@@ -105,7 +112,7 @@ def test_identity_follows_asyncio_tasks():
         return await task, outside
 
     inside, outside = asyncio.run(main())
-    assert inside == Identity("ada", "pro") and outside == ANONYMOUS
+    assert inside == Identity("ada", "pro") and outside == app_identity()
 
 
 @pytest.mark.parametrize("user, tier, message", [
@@ -178,12 +185,28 @@ def test_waiting_calls_go_by_tier_then_quota_left_then_duration_then_arrival(mak
     served.queue(scheduler, "pro", large(Identity("grace", "pro"), 50))
     served.queue(scheduler, "dan", large(Identity("dan", "free"), 10))
     assert [entry["user"] for entry in scheduler.status()["queue"]] == [
-        "grace", "carl", "dan", "bob", "ada", "anonymous",
+        "grace", "carl", "dan", "bob", "ada", ANONYMOUS.user,
     ]
     for _ in range(6):
         scheduler.release(running, used=1)
         running = served.by_name[served.order[-1]].lease
     assert served.order == ["pro", "carl", "dan", "bob-20s", "ada", "anonymous"]
+
+
+def test_the_apps_own_calls_queue_with_a_fresh_free_visitors(make):
+    scheduler = make(1, large_per_gpu=1, quota={"anonymous": 1000, "free": 1000, "pro": 1000})
+    running = scheduler.acquire(large(), timeout=0)
+    served = Served()
+    served.queue(scheduler, "anonymous", large(ANONYMOUS, 10))
+    served.queue(scheduler, "free", large(Identity("ada", "free"), 10))
+    served.queue(scheduler, "app", large(Identity("my-app", "app"), 10))
+    served.queue(scheduler, "pro", large(Identity("grace", "pro"), 10))
+    assert [entry["tier"] for entry in scheduler.status()["queue"]] == ["pro", "free", "app", "anonymous"]
+    for _ in range(4):
+        scheduler.release(running, used=1)
+        running = served.by_name[served.order[-1]].lease
+    assert served.order == ["pro", "free", "app", "anonymous"]
+    scheduler.release(running, used=1)
 
 
 @pytest.mark.parametrize("released_at, first", [(26.0, "pro"), (30.5, "anonymous")])

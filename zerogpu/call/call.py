@@ -7,6 +7,7 @@ until the call ends, and then releases everything it held, on every path.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import time
@@ -15,7 +16,7 @@ from datetime import timedelta
 from functools import partial
 from typing import Any, Callable, Iterator
 
-from . import child, transport, worker
+from . import child, events, transport, worker
 from .. import runtime, settings
 from ..errors import (
     AttachError,
@@ -37,6 +38,8 @@ DEFAULT_DURATION = 60.0
 CLOSE_GRACE = 2.0
 # How long a worker that finished its call may take to exit before it is killed.
 EXIT_GRACE = 10.0
+# A call given no lease within this many seconds is said to wait for a GPU (to a watch, see events.py).
+QUEUE_NOTICE_AFTER = 0.5
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,7 @@ class Task:
     key: str
     duration: Any
     size: str
+    decorator: str = "@zerogpu.GPU"  # as the author wrote it (`@spaces.GPU` under zerogpu run), for messages
 
     @property
     def name(self) -> str:
@@ -105,15 +109,18 @@ class Call:
                  cancel_event: threading.Event | None = None) -> None:
         self.task = task
         self.duration = resolve_duration(task, args, kwargs)
+        # Asked here, in the caller's context: a web framework's event (and its visitor) is known only there.
+        self.relay, self.watch = events.watch() or (None, None)
         # Read here, once: start() may run on another thread, and a setting
         # that turns out malformed must fail before anything is taken.
-        self.identity = current_identity()
+        self.identity = getattr(self.watch, "identity", None) or current_identity()
         self.queue_timeout = settings.queue_timeout()
         self.grace = settings.timeout_grace()
         self.idle_timeout = settings.idle_timeout()
         # A wrapper made before zerogpu was last re-enabled finds its function again.
         runtime.functions.setdefault(task.key, task.fn)
-        self.payload = transport.dumps((args, kwargs), to_device=True)
+        # The relay's state is pickled with the arguments: an object in both is one object in the worker.
+        self.payload = transport.dumps((args, kwargs, getattr(self.watch, "state", None)), to_device=True)
         self.cancel_event = cancel_event
         self.lease = None
         self.worker: worker.Worker | None = None
@@ -146,7 +153,8 @@ class Call:
             runtime.ensure_started()
             request = LeaseRequest(self.identity, self.duration, self.task.size, self.task.key)
             asked = time.monotonic()
-            self.lease = scheduler().acquire(request, timeout=self.queue_timeout, cancel=self.cancel_event)
+            with self.queue_notices():
+                self.lease = scheduler().acquire(request, timeout=self.queue_timeout, cancel=self.cancel_event)
             self.granted = time.monotonic()
             self.phases["queue"] = self.granted - asked
             self.deadline = self.granted + self.duration + self.grace
@@ -159,6 +167,29 @@ class Call:
             self.charge = False  # the user's code never ran
             self.end()
             raise
+
+    @contextlib.contextmanager
+    def queue_notices(self) -> Iterator[None]:
+        """Tell the watch that the call waits for a GPU (no lease after QUEUE_NOTICE_AFTER s), and when it got one."""
+        if self.watch is None:
+            yield
+            return
+        waited = threading.Event()
+
+        def queued() -> None:
+            waited.set()
+            self.watch.notice("queued")
+
+        timer = threading.Timer(QUEUE_NOTICE_AFTER, queued)
+        timer.daemon = True
+        timer.start()
+        try:
+            yield
+        finally:
+            timer.cancel()
+            timer.join()
+        if waited.is_set():
+            self.watch.notice("granted")
 
     def hand_over(self) -> None:
         """Send the call to the lease's worker; a warm one that died meanwhile is replaced."""
@@ -184,7 +215,7 @@ class Call:
         self.hand_over()
 
     def send(self) -> None:
-        self.worker.send(("call", self.task.key))
+        self.worker.send(("call", self.task.key, self.relay))
         self.worker.send_bytes(self.payload)
 
     def plan(self) -> child.Plan:
@@ -212,10 +243,17 @@ class Call:
     def _read(self) -> Iterator[tuple[str, Any]]:
         outcome: tuple[str, Any] | None = None
         received: float | None = None
+        # A watched call is told when it runs past its duration, before the grace runs out and it is killed.
+        overtime = None if self.watch is None else self.deadline - self.grace
         while True:
             try:
-                message = self.worker.receive(self.deadline)
+                message = self.worker.receive(self.deadline if overtime is None else min(overtime, self.deadline))
             except TimeoutError:
+                if overtime is not None and time.monotonic() < self.deadline:
+                    overtime = None
+                    if self.stage == "run":
+                        self.watch.notice("overtime")
+                    continue
                 raise self.timed_out() from None
             if isinstance(message, worker.Exited):
                 if self.warm and not self.running and not self.cancelled:
@@ -249,6 +287,9 @@ class Call:
                 raise error(f"{self.task.name} could not start: {cause}") from cause
             elif verb == "yield":
                 yield message
+            elif verb == "event":
+                if self.watch is not None:
+                    self.watch.replay(message[1])
             elif verb in ("return", "raise", "exit"):
                 outcome = message
                 received = time.monotonic()
@@ -280,7 +321,7 @@ class Call:
             )
         return CallTimeout(
             f"{self.task.name} ran past its duration of {limit} and its worker was killed; "
-            "ask for more time with @zerogpu.GPU(duration=...)"
+            f"ask for more time with {self.task.decorator}(duration=...)"
         )
 
     def crashed(self, exited: worker.Exited, outcome: tuple | None) -> Exception:

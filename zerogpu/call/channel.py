@@ -13,6 +13,7 @@ import mmap
 import select
 import socket
 import struct
+import threading
 import time
 from typing import Any
 
@@ -29,8 +30,8 @@ SMALL_FRAME = 2**20
 class Channel:
     """Messages over a connected SOCK_STREAM socket: an 8-byte little-endian length, then the payload.
 
-    The channel owns the socket: it makes it blocking and closes it. One thread
-    may send while another receives. A `recv` that times out in the middle of a
+    The channel owns the socket: it makes it blocking and closes it. Threads
+    may send while another receives; their frames never interleave. A `recv` that times out in the middle of a
     frame keeps what it read, and the next `recv` goes on from there.
     """
 
@@ -43,6 +44,7 @@ class Channel:
         self._payload: bytearray | mmap.mmap | None = None
         self._received = 0
         self._broken: Exception | None = None  # why the stream can no longer be read
+        self._sending = threading.Lock()
 
     def send(self, obj: Any, *, to_device: bool, what: str = "value") -> None:
         """Pickle `obj` (see `dumps`) and send it; its segments are released if sending fails."""
@@ -59,11 +61,12 @@ class Channel:
         # sendall() loops over partial writes and retries on EINTR (PEP 475); MSG_NOSIGNAL
         # turns a closed peer into EPIPE even where the program restored SIGPIPE's default.
         try:
-            if len(payload) <= SMALL_FRAME:
-                self._sock.sendall(header + payload, socket.MSG_NOSIGNAL)
-            else:
-                self._sock.sendall(header, socket.MSG_NOSIGNAL)
-                self._sock.sendall(payload, socket.MSG_NOSIGNAL)
+            with self._sending:
+                if len(payload) <= SMALL_FRAME:
+                    self._sock.sendall(header + payload, socket.MSG_NOSIGNAL)
+                else:
+                    self._sock.sendall(header, socket.MSG_NOSIGNAL)
+                    self._sock.sendall(payload, socket.MSG_NOSIGNAL)
         except (BrokenPipeError, ConnectionResetError) as exc:
             raise EOFError("the other side of the channel has closed it") from exc
 

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator, NoReturn
 from ..cuda import attach, restore
 from ..errors import SerializationError
 from ..snapshot import packing
-from . import transport
+from . import events, transport
 
 PR_SET_PDEATHSIG = 1
 libc = ctypes.CDLL(None, use_errno=True)  # prctl(2) has no binding in Python
@@ -176,10 +176,10 @@ def serve(channel: transport.Channel, plan: Plan) -> None:
             return
         if message[0] != "call":
             continue  # a "close" that crossed the end of a stream
-        key = message[1]
+        key, relay = message[1], message[2]
         channel.send(("running",), to_device=False)  # the call is this worker's now
         try:
-            args, kwargs = channel.recv()
+            args, kwargs, state = channel.recv()
         except (EOFError, ConnectionError):
             raise
         except Exception as exc:  # noqa: BLE001 - the caller learns why
@@ -187,9 +187,35 @@ def serve(channel: transport.Channel, plan: Plan) -> None:
             channel.send(("raise", transport.capture_exception(error)), to_device=False)
             channel.send(("done", {"run_s": 0.0, "finished": time.monotonic()}), to_device=False)
         else:
-            run(channel, plan.functions[key], args, kwargs)
+            with Emitter(channel) as emit, events.entered(relay, state, emit):
+                run(channel, plan.functions[key], args, kwargs)
         if not plan.stay_warm:
             return
+
+
+class Emitter:
+    """Sends what a relay reports from the running function as ("event", payload) messages.
+
+    Once the call is over, a thread the function left behind can report
+    nothing more: its event would arrive in the middle of the next call.
+    """
+
+    def __init__(self, channel: transport.Channel) -> None:
+        self.channel = channel
+        self.open = True
+        self.lock = threading.Lock()
+
+    def __enter__(self) -> Callable[[Any], None]:
+        return self.emit
+
+    def __exit__(self, *exc: Any) -> None:
+        with self.lock:
+            self.open = False
+
+    def emit(self, payload: Any) -> None:
+        with self.lock:
+            if self.open:
+                self.channel.send(("event", payload), to_device=False)
 
 
 def run(channel: transport.Channel, fn: Callable, args: tuple, kwargs: dict) -> None:

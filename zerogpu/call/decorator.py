@@ -20,6 +20,7 @@ from datetime import timedelta
 from typing import Any, Callable, TypeVar, overload
 
 from .. import runtime
+from . import events
 from .call import Call, Task, check_duration, check_size
 from .child import in_worker
 from ..errors import InvalidArgument
@@ -48,8 +49,13 @@ def GPU(task=None, *, duration=None, size=None):
     A decorated function is kept for the life of the process, so that any
     worker forked later can find it.
     """
+    return decorator(task, duration, size, "@zerogpu.GPU")
+
+
+def decorator(task: Any, duration: Any, size: str | None, name: str) -> Any:
+    """GPU's work, for a decorator called `name` in messages (`@spaces.GPU` is one too)."""
     if callable(task):
-        return _decorate(task, duration, size)
+        return _decorate(task, duration, size, name)
     if isinstance(task, str):
         if size is not None:
             raise InvalidArgument(f"@GPU({task!r}, size={size!r}) names the size twice: give it once")
@@ -59,7 +65,7 @@ def GPU(task=None, *, duration=None, size=None):
             raise InvalidArgument(f"@GPU({task!r}, duration={duration!r}) names the duration twice: give it once")
         duration = task
     check(duration, size)  # now, at decoration, not at the first call
-    return functools.partial(_decorate, duration=duration, size=size)
+    return functools.partial(_decorate, duration=duration, size=size, name=name)
 
 
 def check(duration: Any, size: Any) -> str:
@@ -69,17 +75,17 @@ def check(duration: Any, size: Any) -> str:
     return check_size(size)
 
 
-def _decorate(fn: Callable, duration: Any, size: str | None) -> Callable:
+def _decorate(fn: Callable, duration: Any, size: str | None, name: str = "@zerogpu.GPU") -> Callable:
     size = check(duration, size)
     if not callable(fn):
-        raise InvalidArgument(f"@zerogpu.GPU decorates functions, not {type(fn).__name__}")
+        raise InvalidArgument(f"{name} decorates functions, not {type(fn).__name__}")
     if not runtime.is_enabled():
         return fn
     with _lock:
         if fn in runtime.wrappers:
             return runtime.wrappers[fn]
         key = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', '?')}:{id(fn):x}"
-        task = Task(fn=fn, key=key, duration=duration, size=size)
+        task = Task(fn=fn, key=key, duration=duration, size=size, decorator=name)
         wrapper = wrap(task)
         wrapper.zerogpu = task  # type: ignore[attr-defined]
         runtime.functions[key] = fn
@@ -97,8 +103,9 @@ def wrap(task: Task) -> Callable:
                 async for value in fn(*args, **kwargs):
                     yield value
                 return
-            async for value in stream_async(task, args, kwargs):
-                yield value
+            with events.translated():
+                async for value in stream_async(task, args, kwargs):
+                    yield value
 
         return async_generator_wrapper
 
@@ -108,7 +115,8 @@ def wrap(task: Task) -> Callable:
         async def coroutine_wrapper(*args, **kwargs):
             if inline():
                 return await fn(*args, **kwargs)
-            return await run_async(task, args, kwargs)
+            with events.translated():
+                return await run_async(task, args, kwargs)
 
         return coroutine_wrapper
 
@@ -118,14 +126,15 @@ def wrap(task: Task) -> Callable:
         def generator_wrapper(*args, **kwargs):
             if inline():
                 return (yield from fn(*args, **kwargs))
-            call = Call(task, args, kwargs)
-            try:
-                call.start()
-                for verb, value in call.messages():
-                    if verb == "yield":
-                        yield value
-            finally:
-                call.close()
+            with events.translated():
+                call = Call(task, args, kwargs)
+                try:
+                    call.start()
+                    for verb, value in call.messages():
+                        if verb == "yield":
+                            yield value
+                finally:
+                    call.close()
 
         return generator_wrapper
 
@@ -133,7 +142,8 @@ def wrap(task: Task) -> Callable:
     def function_wrapper(*args, **kwargs):
         if inline():
             return fn(*args, **kwargs)
-        return run(task, args, kwargs)
+        with events.translated():
+            return run(task, args, kwargs)
 
     return function_wrapper
 

@@ -28,7 +28,8 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from .. import runtime
-from ..call.decorator import GPU as zerogpu_GPU
+from . import gradio
+from ..call.decorator import decorator
 
 __all__ = [
     "GPU",
@@ -63,7 +64,7 @@ def GPU(task: Any = None, *, duration: Any = None, size: str | None = None, **kw
             f"spaces.GPU() got unexpected keyword arguments {', '.join(map(repr, kwargs))}: "
             "it takes duration= and size="
         )
-    return zerogpu_GPU(task, duration=duration, size=size)
+    return decorator(task, duration, size, "@spaces.GPU")
 
 
 # -- Gradio --------------------------------------------------------------------------------
@@ -167,7 +168,11 @@ def __getattr__(name: str) -> NoReturn:
 
 
 def install() -> None:
-    """Make `import spaces`, `spaces.config` and `spaces.zero` give this module's objects."""
+    """Make `import spaces`, `spaces.config` and `spaces.zero` give this module's objects.
+
+    Gradio gets what a Space gives it too (see zerogpu.integrations.gradio).
+    """
+    gradio.install()
     sys.modules["spaces"] = sys.modules[__name__]
     sys.modules["spaces.config"] = config
     sys.modules["spaces.zero"] = zero

@@ -2,10 +2,12 @@
 
 Quotas are GPU seconds per identity per UTC day, counted in `large` seconds:
 a `large` call holds half a GPU, an `xlarge` call a whole one and costs twice
-as much. The defaults follow ZeroGPU's published daily tiers.
+as much. The visitor tiers follow ZeroGPU's published daily quotas; the
+app's own account (tier `app`, the calls made with no visitor's identity)
+has none, and no longest call, unless ZEROGPU_QUOTA names `app=SECONDS`.
 
-Who goes first is a sort key (smaller first): tier (pro, then free, then
-anonymous), then quota left (more first), then the duration asked for
+Who goes first is a sort key (smaller first): tier (pro, then free and app,
+then anonymous), then quota left (more first), then the duration asked for
 (shorter first), then arrival. Waiting lifts a call one tier for every
 `aging` seconds waited, so a call that arrived at `t` can only be overtaken
 by calls that arrived before `t + (tier gap + 1) * aging`: nothing starves.
@@ -13,19 +15,22 @@ by calls that arrived before `t + (tier gap + 1) * aging`: nothing starves.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from .. import settings
 from ..errors import InvalidArgument
-from ..identity import TIERS
+from ..identity import APP_TIER, TIERS
 from ..units import check_seconds
 
 SIZES = ("large", "xlarge")
 SIZE_WEIGHT = MappingProxyType({"large": 1, "xlarge": 2})
-TIER_RANK = MappingProxyType({tier: rank for rank, tier in enumerate(TIERS)})
-DAILY_QUOTA = MappingProxyType({"anonymous": 120.0, "free": 210.0, "pro": 1500.0})
+# The app's own calls queue with the free tier's: above anonymous visitors, below pro.
+TIER_RANK = MappingProxyType({"anonymous": 0, "free": 1, APP_TIER: 1, "pro": 2})
+UNLIMITED = math.inf
+DAILY_QUOTA = MappingProxyType({"anonymous": 120.0, "free": 210.0, "pro": 1500.0, APP_TIER: UNLIMITED})
 DEFAULT_AGING = 30.0
 
 
@@ -34,8 +39,9 @@ class Policy:
     """How one node shares its GPUs.
 
     `daily_quota`: large-seconds per identity per UTC day, by tier (missing
-    tiers keep ZEROGPU_QUOTA's value, else ZeroGPU's defaults). `max_duration`: the longest call a tier may
-    ask for, in seconds (default: its daily quota). `large_per_gpu`: how many
+    tiers keep ZEROGPU_QUOTA's value, else ZeroGPU's defaults; math.inf for
+    none). `max_duration`: the longest call a tier may ask for, in seconds
+    (default: its daily quota). `large_per_gpu`: how many
     `large` calls share one GPU, each capped to that fraction of its memory.
     `aging`: seconds of waiting that lift a call by one tier.
     """
@@ -76,15 +82,16 @@ class Policy:
         longest = self.max_duration[tier]
         if duration > longest:
             raise InvalidArgument(
-                f"duration {duration:g} s is above the {tier} tier's maximum of {longest:g} s per call: "
-                "ask for less"
+                f"duration {duration:g} s is above the {tier_name(tier)}'s maximum of {longest:g} s per call: "
+                f"ask for less{raise_it(tier)}"
             )
         cost = self.cost(duration, size)
         daily = self.daily_quota[tier]
         if cost > daily:
             raise InvalidArgument(
-                f"an {size} call of {duration:g} s costs {cost:g} s of quota, more than the {tier} "
-                f"tier's daily {daily:g} s: ask for at most {daily / SIZE_WEIGHT[size]:g} s or use size='large'"
+                f"an {size} call of {duration:g} s costs {cost:g} s of quota, more than the {tier_name(tier)}'s "
+                f"daily {daily:g} s: ask for at most {daily / SIZE_WEIGHT[size]:g} s or use size='large'"
+                f"{raise_it(tier)}"
             )
 
     def level(self, tier: str, waited: float) -> int:
@@ -93,13 +100,31 @@ class Policy:
 
     def priority(self, tier: str, left: float, duration: float, arrival: float, now: float) -> tuple:
         """The sort key of a waiting call at time `now`: smaller goes first."""
+        if tier == APP_TIER:
+            # The app's own account ranks as a free visitor with a whole day's quota would,
+            # not ahead of every one of them for having no limit.
+            left = min(left, self.daily_quota["free"])
         return (-self.level(tier, now - arrival), -left, duration, arrival)
 
     def describe(self) -> dict:
         """The policy as plain data (for status and the daemon's hello)."""
         return {
-            "daily_quota": dict(self.daily_quota),
-            "max_duration": dict(self.max_duration),
+            "daily_quota": {tier: finite_or_none(s) for tier, s in self.daily_quota.items()},
+            "max_duration": {tier: finite_or_none(s) for tier, s in self.max_duration.items()},
             "large_per_gpu": self.large_per_gpu,
             "aging": self.aging,
         }
+
+
+def tier_name(tier: str) -> str:
+    return "app's own account" if tier == APP_TIER else f"{tier} tier"
+
+
+def raise_it(tier: str) -> str:
+    """How the operator changes the app's own limits (visitors' are ZeroGPU's)."""
+    return f", or raise it with ZEROGPU_QUOTA={APP_TIER}=SECONDS" if tier == APP_TIER else ""
+
+
+def finite_or_none(seconds: float) -> float | None:
+    """Seconds as plain data: None for no limit (JSON has no infinity)."""
+    return seconds if math.isfinite(seconds) else None

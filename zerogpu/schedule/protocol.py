@@ -23,7 +23,6 @@ from collections.abc import Iterator
 from .. import errors
 from ..cuda.devices import Device
 from ..errors import InvalidArgument, SchedulerError, ZeroGPUError
-from .quota import Balance
 
 VERSION = 1
 HEADER = struct.Struct("!I")
@@ -203,9 +202,3 @@ def device_to_wire(device: Device) -> dict:
     """A device as plain data (the daemon's hello, and status)."""
     return {"index": device.index, "visible_id": device.visible_id, "name": device.name,
             "total_memory": device.total_memory, "backend": device.backend}
-
-
-def balance_to_wire(balance: Balance) -> dict:
-    """An identity's quota today as plain data, for status."""
-    return {"user": balance.identity.user, "tier": balance.identity.tier, "limit": balance.limit,
-            "used": balance.used, "reserved": balance.reserved, "left": balance.left}

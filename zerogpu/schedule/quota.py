@@ -39,7 +39,7 @@ import psutil
 
 from .. import settings
 from ..errors import QuotaExceeded, SchedulerError
-from ..identity import Identity
+from ..identity import APP_TIER, Identity
 from ..units import check_seconds
 from .policy import SIZE_WEIGHT, Policy
 
@@ -144,6 +144,13 @@ class Balance:
     @property
     def left(self) -> float:
         return max(self.limit - self.used - self.reserved, 0.0)
+
+    def describe(self) -> dict:
+        """As plain data for status; None for the limit and what is left when there is no limit."""
+        unlimited = math.isinf(self.limit)
+        return {"user": self.identity.user, "tier": self.identity.tier,
+                "limit": None if unlimited else self.limit, "used": self.used, "reserved": self.reserved,
+                "left": None if unlimited else self.left}
 
 
 def day_of(moment: float) -> str:
@@ -311,19 +318,19 @@ class QuotaLedger:
             now = self.clock()
             day = day_of(now)
 
-            def reserve(db: sqlite3.Connection) -> tuple[int | None, float, float]:
+            def reserve(db: sqlite3.Connection) -> tuple[int | None, float, float, float]:
                 used, reserved = self._balance(db, identity, day)
                 if used + reserved + cost > limit:
-                    return None, used, reserved
+                    return None, used, reserved, self._last_end(db, identity, day)
                 return self._insert(db, lease_id, identity, day, size, duration, cost, owner, device, slot,
-                                    now), used, reserved
+                                    now), used, reserved, now
 
-            admitted, used, reserved = self._grouped(reserve)
+            admitted, used, reserved, last_end = self._grouped(reserve)
             if admitted is not None:
                 return admitted, limit - used - reserved
             # Reservations of processes that died count until swept: sweep once.
             if swept or not self.sweep():
-                raise self._refusal(identity, duration, size, cost, limit, used, reserved, now)
+                raise self._refusal(identity, duration, size, cost, limit, used, reserved, now, last_end)
             swept = True
 
     def _insert(self, db, lease_id, identity, day, size, duration, cost, owner, device, slot, now) -> int:
@@ -350,23 +357,37 @@ class QuotaLedger:
         ).fetchone()
         return row[0], row[1]
 
-    def _refusal(self, identity, duration, size, cost, limit, used, reserved, now) -> QuotaExceeded:
+    @staticmethod
+    def _last_end(db: sqlite3.Connection, identity: Identity, day: str) -> float:
+        """When the last running call of `identity` must have ended: its reservation is gone by then."""
+        row = db.execute(
+            "SELECT max(started + duration) FROM leases WHERE user=? AND tier=? AND day=?",
+            (identity.user, identity.tier, day),
+        ).fetchone()
+        return row[0] or 0.0
+
+    def _refusal(self, identity, duration, size, cost, limit, used, reserved, now, last_end) -> QuotaExceeded:
         left = max(limit - used - reserved, 0.0)
         reset = next_reset(now)
-        when = f"00:00 UTC (in {spell_seconds(reset - now)})"
-        if used + cost <= limit:
-            comes_back = f"enough may come back when the running calls end, and surely at {when}"
-        else:
-            comes_back = f"enough comes back when the daily quota resets at {when}"
+        # What the running calls hold comes back when they end; what was used, at 00:00 UTC.
+        back = min(max(last_end, now + 1.0), reset) if used + cost <= limit else reset
         asked = f"{duration:g} s" if size == "large" else f"{duration:g} s of an xlarge GPU ({cost:g} s of quota)"
-        error = QuotaExceeded(
-            f"{identity.user!r} ({identity.tier} tier) asked for {asked} but has {left:g} s of GPU quota "
-            f"left today ({used:g} s used, {reserved:g} s held by running calls, of {limit:g} s); "
-            f"{comes_back}, or ask for a shorter duration"
-        )
+        figures = f"{used:g} s used, {reserved:g} s held by running calls, of {limit:g} s"
+        if identity.tier == APP_TIER:
+            message = (
+                f"the app's own account {identity.user!r} asked for {asked} but has {left:g} s of its daily GPU "
+                f"quota left ({figures}, set by ZEROGPU_QUOTA={APP_TIER}={limit:g}); raise it in ZEROGPU_QUOTA, "
+                f"or leave {APP_TIER} out of it for no daily quota, or ask for a shorter duration"
+            )
+        else:
+            message = (
+                f"{identity.user!r} ({identity.tier} tier) asked for {asked} but has {left:g} s of GPU quota "
+                f"left today ({figures}). Try again in {clock_time(back - now)}"
+            )
+        error = QuotaExceeded(message)
         error.requested = cost
         error.left = left
-        error.retry_at = reset
+        error.retry_at = back
         return error
 
     def place(self, lease_id: int, device: int, slot: int | None, new_id: int | None = None) -> None:
@@ -476,6 +497,14 @@ class Work:
         if self.error is not None:
             raise self.error
         return self.value
+
+
+def clock_time(seconds: float) -> str:
+    """'3:12:05', '0:00:40': how ZeroGPU says when a quota comes back."""
+    seconds = max(int(math.ceil(seconds)), 0)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
 
 
 def spell_seconds(seconds: float) -> str:

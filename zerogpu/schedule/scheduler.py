@@ -39,7 +39,7 @@ from .leases import (
 )
 from .placement import Placement
 from .policy import Policy
-from .protocol import balance_to_wire, device_to_wire
+from .protocol import device_to_wire
 from .quota import Owner, QuotaLedger, Reservation, new_id, next_reset, this_process
 
 __all__ = ["EmbeddedScheduler"]
@@ -345,7 +345,7 @@ class EmbeddedScheduler(Scheduler):
             "devices": [{**device_to_wire(d), "slots": cells[d.index]} for d in self.devices],
             "leases": leases,
             "queue": queue,
-            "quota": [balance_to_wire(b) for b in self.ledger.balances()],
+            "quota": [b.describe() for b in self.ledger.balances()],
             "resets_at": next_reset(wall),
             "policy": self.policy.describe(),
         }

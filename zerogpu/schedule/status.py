@@ -17,7 +17,7 @@ from rich.text import Text
 from .. import settings
 from ..cuda.devices import discover
 from .policy import Policy
-from .protocol import balance_to_wire, device_to_wire
+from .protocol import device_to_wire
 from .quota import QuotaLedger, next_reset, spell_seconds
 from ..units import describe_size
 
@@ -65,7 +65,7 @@ def embedded_status(ledger: QuotaLedger | None = None) -> dict:
             for row in rows
         ],
         "queue": [],
-        "quota": [balance_to_wire(b) for b in balances],
+        "quota": [b.describe() for b in balances],
         "resets_at": next_reset(now),
         "policy": ledger.policy.describe(),
     }
@@ -110,14 +110,14 @@ def render_status(state: dict) -> RenderableType:
         quota.add_column(column, justify="right" if column not in ("user", "tier") else "left")
     for entry in state["quota"]:
         quota.add_row(entry["user"], entry["tier"], f"{entry['used']:.1f} s", f"{entry['reserved']:.1f} s",
-                      f"{entry['left']:.1f} s", f"{entry['limit']:g} s")
+                      seconds_or_none(entry["left"], ".1f"), seconds_or_none(entry["limit"], "g"))
     parts.append(quota if state["quota"] else Text("No quota used today.", style="dim"))
     return Group(*parts)
 
 
 def headline(state: dict) -> Text:
     policy = state["policy"]
-    tiers = ", ".join(f"{tier} {seconds:g} s" for tier, seconds in policy["daily_quota"].items())
+    tiers = ", ".join(f"{tier} {seconds_or_none(seconds, 'g')}" for tier, seconds in policy["daily_quota"].items())
     if state["source"] == "daemon":
         daemon = state["daemon"]
         where = (f"node daemon pid {daemon['pid']} on {daemon['socket']}, "
@@ -125,6 +125,11 @@ def headline(state: dict) -> Text:
     else:
         where = "no node daemon: embedded schedulers, as the quota ledger sees them"
     return Text(f"zerogpu: {where}\n{policy['large_per_gpu']} large calls per GPU; daily quotas: {tiers}")
+
+
+def seconds_or_none(seconds: float | None, spec: str) -> str:
+    """A quota figure; None stands for no limit (the app's own account, by default)."""
+    return "no limit" if seconds is None else f"{seconds:{spec}} s"
 
 
 def short_id(lease_id: int) -> str:
