@@ -449,7 +449,7 @@ def test_main_module_runs_the_cli(env):
 def test_readme_test_command_is_what_ci_runs():
     readme = (ROOT / "README.md").read_text()
     steps = [line for line in (ROOT / ".ci" / "run").read_text().splitlines()
-             if line and not line.startswith(("#", "set ", "cd "))]
+             if line and not line.startswith(("#", "set ", "cd ", "apt-get "))]  # system packages: CI's own
     assert " && ".join(steps) in readme
     assert " && ".join([*steps[:2], "pip install torch==2.13.0 && pip install -e . && zerogpu bench"]) in readme
 
