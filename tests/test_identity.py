@@ -15,7 +15,7 @@ from zerogpu.errors import InvalidArgument
 from zerogpu.identity import Identity, identify_visitors
 from zerogpu.schedule.policy import Policy
 from zerogpu.schedule.quota import QuotaLedger
-from zerogpu.schedule.scheduler import reset_scheduler, scheduler
+from zerogpu.schedule.choice import reset_scheduler, scheduler
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

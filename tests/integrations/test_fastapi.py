@@ -24,7 +24,8 @@ from zerogpu.identity import Identity, current
 from zerogpu.integrations import fastapi as zerogpu_fastapi
 from zerogpu.schedule.policy import Policy
 from zerogpu.schedule.quota import QuotaLedger, this_process
-from zerogpu.schedule.scheduler import LeaseRequest, reset_scheduler, scheduler
+from zerogpu.schedule.choice import reset_scheduler, scheduler
+from zerogpu.schedule.leases import LeaseRequest
 
 HANG_GUARD = 60.0
 

@@ -45,7 +45,7 @@ from ..errors import (
     ZeroGPUError,
 )
 from ..identity import Deferred, Identity, acting_as
-from ..schedule.scheduler import scheduler
+from ..schedule.choice import scheduler
 from .visitors import visitor_identity
 
 log = logging.getLogger("zerogpu.fastapi")
