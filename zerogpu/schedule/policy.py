@@ -58,7 +58,7 @@ class Policy:
             for tier, seconds in table.items():
                 if tier not in TIERS:
                     raise InvalidArgument(f"{name} names the unknown tier {tier!r}: use {', '.join(TIERS)}")
-                check_seconds(seconds, f"{name}[{tier!r}]", positive=True)
+                check_seconds(seconds, f"{name}[{tier!r}]", positive=True, finite=False)  # math.inf: no limit
         if not isinstance(self.large_per_gpu, int) or isinstance(self.large_per_gpu, bool) or self.large_per_gpu < 1:
             raise InvalidArgument(f"large_per_gpu must be a whole number of at least 1, not {self.large_per_gpu!r}")
         check_seconds(self.aging, "aging", positive=True)
