@@ -157,6 +157,7 @@ def test_a_socket_and_a_ledger_together_are_refused(ledger, folder):
     assert used(ledger) == {"grace": 50, "ada": 30}
 
 
+@pytest.mark.slow
 def test_through_the_daemon(daemon, ledger, monkeypatch):
     result = invoke(["quota", "reset", "grace", "--socket", daemon])
     assert result.exit_code == 0, result.output
@@ -173,6 +174,7 @@ def test_through_the_daemon(daemon, ledger, monkeypatch):
         client.close()
 
 
+@pytest.mark.slow
 def test_status_shows_each_accounts_use_and_when_it_resets(daemon, ledger):
     text = " ".join(invoke(["status", "--socket", daemon]).stdout.split())
     assert "Quota today (resets at 00:00 UTC, in " in text
@@ -201,6 +203,7 @@ def as_nobody(script: str) -> subprocess.CompletedProcess:
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run as another user")
 
 
+@pytest.mark.slow
 @needs_root
 def test_the_command_as_another_user_is_refused_by_the_daemons_socket(daemon, ledger, folder):
     # Let the folder's and the socket's modes through: the peer's uid must still refuse.
@@ -213,6 +216,7 @@ def test_the_command_as_another_user_is_refused_by_the_daemons_socket(daemon, le
     assert used(ledger) == {"grace": 50, "ada": 30}
 
 
+@pytest.mark.slow
 @needs_root
 def test_a_reset_request_from_another_user_is_refused_by_the_daemon(daemon, ledger, folder):
     os.chmod(folder, 0o711)
@@ -245,6 +249,7 @@ def test_a_reset_request_from_another_user_is_refused_by_the_daemon(daemon, ledg
     assert used(ledger) == {"grace": 50}
 
 
+@pytest.mark.slow
 @needs_root
 def test_the_command_as_another_user_is_refused_a_ledger_it_does_not_own(ledger, folder):
     # Even a ledger anyone could write is reset by its owner only.
