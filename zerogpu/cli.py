@@ -185,8 +185,8 @@ def print_info(facts: dict[str, Any]) -> None:
                       f"version {driver.get('version', '?')}" + (f" ({driver['error']})" if "error" in driver else ""))
     elif facts["backend"]["name"] == "emulated":
         console.print("no CUDA driver: using the emulated backend")
-    elif facts["backend"]["asked"] == "cuda":
-        # Only when the GPU was asked for is the missing driver a problem to solve.
+    elif "cuda" in (facts["backend"]["asked"], facts["backend"]["name"]):
+        # Only when the GPU is asked for (or chosen) is the missing driver a problem to solve.
         console.print(f"CUDA driver: {driver['library']} not found ({driver['error']})")
     else:
         console.print(f"no CUDA driver ({driver['library']} not found)")
