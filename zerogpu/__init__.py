@@ -8,7 +8,14 @@ from .runtime import enable, is_enabled, startup
 
 __all__ = ["GPU", "enable", "is_enabled", "startup", "identity", "identify_visitors", *_errors]
 
+from . import hints as _hints  # noqa: E402
 from . import settings as _settings  # noqa: E402
 
-if _settings.enabled():
-    enable()
+_hints.install()
+try:
+    if _settings.enabled():
+        enable()
+except ZeroGPUError as _error:  # noqa: F405 - from .errors
+    # A bad ZEROGPU_* setting: raised as usual, reported in one line if nobody catches it.
+    _hints.failed_import(_error)
+    raise

@@ -1,4 +1,4 @@
-"""The `zerogpu` command: bench, run, info, serve and status."""
+"""The `zerogpu` command: bench, run, info, serve, status and quota."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from rich.table import Table
 from . import bench as measure
 from .snapshot import segments
 from .schedule.daemon import HEARTBEAT_TIMEOUT
-from .errors import InvalidArgument, ZeroGPUError
+from .errors import InvalidArgument, SchedulerError, ZeroGPUError
 from .schedule.policy import DEFAULT_AGING, Policy
 from .units import describe_size
 
@@ -31,16 +31,23 @@ app = typer.Typer(
     add_completion=False,
     # Errors of zerogpu get one line; a script's own errors its usual traceback.
     pretty_exceptions_enable=False,
+    # Plain help: typer's rich help shows flags such as --help and --json as taking a <bool> value.
+    rich_markup_mode=None,
 )
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # what a shell reports for a program ended by Ctrl-C (128 + SIGINT)
 
 
-def fail(command: str, message: object, code: int = 1) -> NoReturn:
-    """One line on stderr, then exit with `code`."""
+def fail(command: str, message: object, code: int | None = None) -> NoReturn:
+    """One line on stderr, then exit with `code` (by default 2 for a bad value or setting, else 1)."""
     typer.echo(f"zerogpu {command}: {message}", err=True)
-    raise typer.Exit(code)
+    raise typer.Exit(exit_code(message) if code is None else code)
+
+
+def exit_code(error: object) -> int:
+    """2 for a bad value or setting, as for a bad option; 1 for anything else that went wrong."""
+    return EXIT_USAGE if isinstance(error, InvalidArgument) else 1
 
 
 # -- bench ---------------------------------------------------------------------------------
@@ -63,7 +70,7 @@ def bench(
     try:
         plan = measure.plan(size, repeat, json_path)
     except InvalidArgument as error:
-        fail("bench", error, EXIT_USAGE)
+        fail("bench", error)
     try:
         with measure.interrupt_once():
             report = measure.run(plan, lambda line: typer.echo(line, err=True))
@@ -148,11 +155,20 @@ def print_script_traceback(error: BaseException, script: str) -> None:
 
 @app.command()
 def info(as_json: Annotated[bool, typer.Option("--json", help="print the facts as JSON")] = False) -> None:
-    """What zerogpu sees here: backend, devices, CUDA driver, /dev/shm and its compiled engine."""
-    facts = gather_info()
+    """What zerogpu sees here: backend, devices, CUDA driver, /dev/shm and its compiled engine.
+
+    Exits 2 when a setting makes the backend unusable (1 for another reason), after saying why.
+    """
+    facts, error = gather_info()
     if as_json:
         typer.echo(json.dumps(facts, indent=2))
-        return
+    else:
+        print_info(facts)
+    if error is not None:
+        raise typer.Exit(exit_code(error))
+
+
+def print_info(facts: dict[str, Any]) -> None:
     console = Console()
     console.print(f"zerogpu {facts['zerogpu']} (torch {facts['torch']['version']}, "
                   f"CUDA build {facts['torch']['cuda'] or 'none'})")
@@ -169,8 +185,13 @@ def info(as_json: Annotated[bool, typer.Option("--json", help="print the facts a
     if driver["found"]:
         console.print(f"CUDA driver: {driver['library']} found at {driver.get('path', '?')}, "
                       f"version {driver.get('version', '?')}" + (f" ({driver['error']})" if "error" in driver else ""))
-    else:
+    elif facts["backend"]["name"] == "emulated":
+        console.print("no CUDA driver: using the emulated backend")
+    elif "cuda" in (facts["backend"]["asked"], facts["backend"]["name"]):
+        # Only when the GPU is asked for (or chosen) is the missing driver a problem to solve.
         console.print(f"CUDA driver: {driver['library']} not found ({driver['error']})")
+    else:
+        console.print(f"no CUDA driver ({driver['library']} not found)")
     shm = facts["shm"]
     console.print(f"/dev/shm: {describe_size(shm['free'])} free of {describe_size(shm['total'])}")
     build = facts["extension"]
@@ -178,7 +199,8 @@ def info(as_json: Annotated[bool, typer.Option("--json", help="print the facts a
                   f"C++{build['cxx_standard'] // 100 % 100}, nanobind {build['nanobind']}")
 
 
-def gather_info() -> dict[str, Any]:
+def gather_info() -> tuple[dict[str, Any], ZeroGPUError | None]:
+    """The facts `zerogpu info` shows, and the error that makes the backend unusable, if any."""
     import torch
 
     from .cuda import devices
@@ -186,6 +208,7 @@ def gather_info() -> dict[str, Any]:
     from .cuda._ext import _engine
     from .cuda.engine import driver_info
 
+    chosen = failure = None
     try:
         chosen = settings.backend()
         name = runtime.choose_backend()
@@ -193,17 +216,17 @@ def gather_info() -> dict[str, Any]:
                   else "a GPU is visible" if name == "cuda" else "no GPU is visible")
         found = [dataclasses.asdict(device) for device in devices.discover(name)]
     except ZeroGPUError as error:
-        name, reason, found = None, str(error), []
+        name, reason, found, failure = None, str(error), [], error
     shm_free, shm_total = segments.free_space()
     return {
         "zerogpu": measure.package_version("zerogpu"),
         "torch": {"version": torch.__version__, "cuda": torch.version.cuda},
-        "backend": {"name": name, "reason": reason},
+        "backend": {"name": name, "reason": reason, "asked": chosen},
         "devices": found,
         "cuda_driver": driver_info(),
         "shm": {"free": shm_free, "total": shm_total},
         "extension": dict(_engine.build_info()),
-    }
+    }, failure
 
 
 # -- serve and status ----------------------------------------------------------------------
@@ -225,7 +248,7 @@ def serve(
         help="seconds of silence after which a client's leases come back (keep it at 3 or more)")]
     = HEARTBEAT_TIMEOUT,
 ) -> None:
-    """Run the node daemon: one scheduler for every zerogpu app of this machine, until Ctrl-C."""
+    """Run the node daemon: one scheduler for every zerogpu app of this machine, until Ctrl-C or SIGTERM."""
     from .schedule import daemon
     from . import settings
 
@@ -258,6 +281,78 @@ def status(
         typer.echo(json.dumps(state, indent=2, default=str))
     else:
         Console().print(render_status(state))
+
+
+# -- quota ----------------------------------------------------------------------------------
+
+quota_app = typer.Typer(help="The daily GPU quotas of the quota ledger.", no_args_is_help=True)
+app.add_typer(quota_app, name="quota")
+
+
+@quota_app.command("reset")
+def quota_reset(
+    user: Annotated[str | None, typer.Argument(
+        metavar="USER", help="the account to reset (every tier of it); all when left out")]
+    = None,
+    socket: Annotated[str | None, typer.Option(help="the node daemon's socket (default: ZEROGPU_SCHEDULER)")]
+    = None,
+    ledger: Annotated[Path | None, typer.Option(
+        help="the quota database, when no daemon runs (default: under ZEROGPU_DATA_DIR)")] = None,
+) -> None:
+    """Give back today's quota: of one account, or of every account.
+
+    Only the owner of the ledger may: through a node daemon, the user it runs as;
+    otherwise the user who owns the ledger's file. Calls running now keep their
+    reservation and are charged when they end.
+    """
+    from . import settings
+
+    try:
+        path = socket or settings.scheduler_socket()
+        if path and ledger is not None:
+            raise InvalidArgument("give --socket (or ZEROGPU_SCHEDULER) or --ledger, not both: "
+                                  "a node daemon resets the ledger it serves")
+        reset = reset_through_daemon(path, user) if path else reset_ledger(ledger, user)
+    except ZeroGPUError as error:
+        fail("quota reset", error)
+    if user is None:
+        typer.echo(f"quota reset: {reset} account{'s' if reset != 1 else ''} had used quota today")
+    elif reset:
+        typer.echo(f"quota reset: {user!r} has its whole daily quota again")
+    else:
+        fail("quota reset", f"{user!r} has used no quota today: nothing to reset (`zerogpu status` lists "
+                            "the accounts)")
+
+
+def reset_through_daemon(path: str, user: str | None) -> int:
+    from .schedule.client import DaemonClient
+
+    client = DaemonClient(path)
+    try:
+        return client.reset_quota(user)
+    finally:
+        client.close()
+
+
+def reset_ledger(path: Path | None, user: str | None) -> int:
+    from .schedule.policy import Policy
+    from .schedule.quota import QuotaLedger, default_path
+
+    path = path or default_path()
+    try:
+        owner = path.stat().st_uid
+    except FileNotFoundError:
+        raise InvalidArgument(f"there is no quota ledger at {path}: no quota was used there yet") from None
+    except OSError as error:
+        raise SchedulerError(f"cannot read the quota ledger {path}: {error}") from None
+    if owner != os.getuid():
+        raise SchedulerError(f"the quota ledger {path} belongs to uid {owner}, not to this user "
+                             f"(uid {os.getuid()}): only its owner may reset its quotas")
+    ledger = QuotaLedger(path, Policy())
+    try:
+        return ledger.reset(user)
+    finally:
+        ledger.close()
 
 
 def main() -> None:

@@ -479,6 +479,7 @@ def test_cancelled_async_call_kills_its_worker(gpu, tmp_path):
     assert not psutil.pid_exists(worker_pid) or psutil.Process(worker_pid).status() == psutil.STATUS_ZOMBIE
 
 
+@pytest.mark.slow
 def test_parent_killed_mid_call_leaves_no_worker(tmp_path):
     script = tmp_path / "app.py"
     pid_file = tmp_path / "worker.pid"
@@ -929,6 +930,7 @@ def test_progress_bar_ends_when_the_pack_fails(gpu, monkeypatch):
     assert sys.stdout is stdout
 
 
+@pytest.mark.slow
 def test_small_transformers_model_gives_the_cpu_output(gpu):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)

@@ -707,6 +707,7 @@ def test_exception_whose_str_fails_is_still_reported():
     assert type(rebuilt).__name__ in ("Unprintable", "RemoteError")
 
 
+@pytest.mark.slow
 def test_classes_of_the_main_module_keep_their_identity(tmp_path):
     script = tmp_path / "app.py"
     script.write_text(

@@ -161,6 +161,7 @@ def test_proc_files_are_the_fallback_when_nvml_fails(monkeypatch):
     assert devices.physical_gpus() == GPUS[2:]
 
 
+@pytest.mark.slow
 def test_discovery_creates_no_cuda_context():
     script = (
         "import sys\n"

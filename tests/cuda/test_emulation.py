@@ -477,6 +477,7 @@ def test_module_to_empty_on_cuda(emulated):
     assert_emulated(model.weight)
 
 
+@pytest.mark.slow
 def test_training_step_keeps_gradients_and_parameters_on_cuda(emulated):
     torch.manual_seed(0)
     layers = torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1)
@@ -494,6 +495,7 @@ def test_training_step_keeps_gradients_and_parameters_on_cuda(emulated):
         assert not torch.equal(parameter.detach().cpu(), old)
 
 
+@pytest.mark.slow
 def test_a_small_transformers_model_runs_as_on_the_cpu(emulated):
     transformers = pytest.importorskip("transformers")
     transformers.logging.set_verbosity_error()
@@ -1093,6 +1095,7 @@ NO_CONTEXT_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_the_parent_never_initializes_cuda():
     """Everything above, in a fresh interpreter, never reaches CUDA initialization."""
     completed = subprocess.run(

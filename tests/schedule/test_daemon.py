@@ -127,11 +127,13 @@ def wait_for(condition, timeout: float = 10.0, what: str = "the condition") -> f
 # -- serving ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_socket_is_for_its_owner_only(daemon):
     assert stat.S_ISSOCK(os.stat(daemon.socket).st_mode)
     assert stat.S_IMODE(os.stat(daemon.socket).st_mode) == 0o600
 
 
+@pytest.mark.slow
 def test_leases_through_the_daemon(client):
     leases = [client.acquire(large(), timeout=0) for _ in range(3)]
     assert [(lease.device.index, lease.slot) for lease in leases] == [(0, 0), (0, 1), (1, 0)]
@@ -146,6 +148,7 @@ def test_leases_through_the_daemon(client):
     assert quota["ada"]["reserved"] == 0
 
 
+@pytest.mark.slow
 def test_errors_come_back_as_zerogpu_errors(client):
     with pytest.raises(InvalidArgument, match="above the free tier's maximum"):
         client.acquire(large(FREE, 5000), timeout=0)
@@ -163,6 +166,7 @@ def test_errors_come_back_as_zerogpu_errors(client):
         client.release(held, used=1)
 
 
+@pytest.mark.slow
 def test_the_process_scheduler_uses_the_daemon_when_named(daemon, monkeypatch):
     monkeypatch.setenv("ZEROGPU_SCHEDULER", daemon.socket)
     choice.reset_scheduler()
@@ -180,6 +184,7 @@ def test_a_missing_daemon_is_a_clear_error(folder):
         DaemonClient(os.path.join(folder, "nobody.sock"))
 
 
+@pytest.mark.slow
 def test_apps_share_the_gpus_and_wait_for_each_other(daemon, client):
     holder = run_script(daemon, """
         import sys
@@ -234,6 +239,7 @@ HOLD = """
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["plain", "fork"])
 def test_leases_of_a_killed_client_come_back_uncharged(daemon, client, how):
     holder = run_script(daemon, HOLD, how)
@@ -281,6 +287,7 @@ def frame(body: bytes) -> bytes:
     return struct.pack("!I", len(body)) + body
 
 
+@pytest.mark.slow
 def test_a_silent_client_loses_its_leases_after_the_heartbeat_timeout(folder):
     daemon = Daemon(folder, "--heartbeat-timeout", "1").start()
     try:
@@ -301,6 +308,7 @@ def test_a_silent_client_loses_its_leases_after_the_heartbeat_timeout(folder):
         daemon.stop()
 
 
+@pytest.mark.slow
 def test_a_client_with_a_heartbeat_keeps_its_leases(folder):
     daemon = Daemon(folder, "--heartbeat-timeout", "1").start()
     try:
@@ -355,6 +363,7 @@ HOSTILE = [
 ]
 
 
+@pytest.mark.slow
 def test_malformed_and_hostile_messages_get_an_error_and_the_daemon_goes_on(daemon, client):
     sock = raw_connection(daemon)
     try:
@@ -371,6 +380,7 @@ def test_malformed_and_hostile_messages_get_an_error_and_the_daemon_goes_on(daem
     assert client.status()["leases"] == []
 
 
+@pytest.mark.slow
 def test_an_oversized_frame_ends_that_connection_only(daemon, client):
     sock = raw_connection(daemon)
     try:
@@ -390,6 +400,7 @@ def test_an_oversized_frame_ends_that_connection_only(daemon, client):
     assert client.status()["daemon"]["pid"] == daemon.proc.pid
 
 
+@pytest.mark.slow
 def test_a_frame_in_pieces_and_frames_together_are_read_alike(daemon):
     sock = raw_connection(daemon)
     try:
@@ -407,6 +418,7 @@ def test_a_frame_in_pieces_and_frames_together_are_read_alike(daemon):
         sock.close()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to connect as another user")
 def test_a_connection_from_another_user_is_refused(daemon, client):
     # Let the folder's and the socket's modes through: SO_PEERCRED must still refuse.
@@ -431,6 +443,7 @@ def test_a_connection_from_another_user_is_refused(daemon, client):
     assert client.status()["daemon"]["clients"] == [os.getpid()]
 
 
+@pytest.mark.slow
 def test_a_second_daemon_on_the_same_socket_is_refused(daemon):
     other = Daemon(daemon.folder)
     with pytest.raises(AssertionError, match="already serves"):
@@ -438,6 +451,7 @@ def test_a_second_daemon_on_the_same_socket_is_refused(daemon):
     other.stop()
 
 
+@pytest.mark.slow
 def test_a_stale_socket_file_is_replaced(folder):
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     stale.bind(os.path.join(folder, "d.sock"))
@@ -455,6 +469,7 @@ def test_a_stale_socket_file_is_replaced(folder):
 # -- restarts --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_restart_loses_no_quota_and_keeps_leases_of_live_clients(folder):
     daemon = Daemon(folder).start()
     client = daemon.client()
@@ -478,6 +493,7 @@ def test_a_restart_loses_no_quota_and_keeps_leases_of_live_clients(folder):
         daemon.stop()
 
 
+@pytest.mark.slow
 def test_leases_a_restarted_client_does_not_name_come_back(folder):
     daemon = Daemon(folder).start()
     try:
@@ -497,6 +513,7 @@ def test_leases_a_restarted_client_does_not_name_come_back(folder):
         daemon.stop()
 
 
+@pytest.mark.slow
 def test_a_release_while_the_daemon_is_down_is_sent_when_it_is_back(folder):
     daemon = Daemon(folder).start()
     client = daemon.client()
@@ -519,6 +536,7 @@ def test_a_release_while_the_daemon_is_down_is_sent_when_it_is_back(folder):
 # -- warm leases, cancelling, many callers ------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_daemon_evicts_an_idle_worker_of_one_app_for_another(daemon, client):
     evicted = threading.Event()
     leases = [client.acquire(xlarge(key="f"), timeout=0) for _ in range(4)]
@@ -538,6 +556,7 @@ def test_the_daemon_evicts_an_idle_worker_of_one_app_for_another(daemon, client)
         other.close()
 
 
+@pytest.mark.slow
 def test_a_cancelled_call_leaves_the_daemons_queue(client):
     for _ in range(4):
         client.acquire(xlarge(), timeout=0)
@@ -558,6 +577,7 @@ def test_a_cancelled_call_leaves_the_daemons_queue(client):
     assert outcome and client.status()["queue"] == []
 
 
+@pytest.mark.slow
 def test_many_concurrent_callers_through_the_daemon(client):
     guard = threading.Lock()
     taken: dict[tuple[int, int], int] = {}
@@ -597,6 +617,7 @@ def test_many_concurrent_callers_through_the_daemon(client):
 # -- status ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_status_shows_gpus_leases_queue_and_quota(daemon, client):
     held = [client.acquire(xlarge(FREE, 50), timeout=0) for _ in range(4)]
     client.release(held.pop(), used=3)
@@ -651,6 +672,7 @@ def test_wire_frames_round_trip():
     assert json.loads(encode(message)[4:]) == message
 
 
+@pytest.mark.slow
 def test_decorated_calls_of_two_apps_share_the_daemons_gpus_and_evict_idle_workers(daemon):
     app = """
         import os, sys

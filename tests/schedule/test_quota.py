@@ -250,6 +250,7 @@ ADMIT_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_concurrent_processes_never_overspend(tmp_path):
     path = tmp_path / "quota.sqlite3"
     QuotaLedger(path).close()
@@ -277,6 +278,7 @@ HOLD_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_reservations_of_a_dead_process_are_swept_uncharged(tmp_path):
     path = tmp_path / "quota.sqlite3"
     proc = subprocess.Popen([sys.executable, "-c", HOLD_SCRIPT, str(path)], stdout=subprocess.PIPE, text=True)

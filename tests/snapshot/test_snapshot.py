@@ -458,6 +458,7 @@ def test_collected_snapshot_unlinks_its_segment():
     assert name not in segments()
 
 
+@pytest.mark.slow
 def test_segment_is_unlinked_at_interpreter_exit():
     result = run_python("import torch; from zerogpu.snapshot.snapshot import Snapshot\n"
                         "snapshot = Snapshot.pack({'w': torch.randn(10)})\n"
@@ -537,6 +538,7 @@ def test_forked_child_leaving_does_not_unlink_the_parents_segment():
             assert torch.equal(attached.tensors()["w"], snapshot.tensors()["w"])
 
 
+@pytest.mark.slow
 def test_attach_from_a_spawned_process():
     tensors = model_like()
     code = ("import json, sys, torch\n"
@@ -734,6 +736,7 @@ def test_float4_pairs_through_safetensors(tmp_path):
         assert restored.shape == (3, 4) and torch.equal(restored.view(torch.uint8), packed.view(torch.uint8))
 
 
+@pytest.mark.slow
 def test_load_safetensors_makes_no_intermediate_copy(tmp_path):
     path = tmp_path / "big.safetensors"
     safetensors.torch.save_file({f"w{index}": torch.randn(8 * MiB // 4) for index in range(16)}, path)  # 128 MiB

@@ -256,6 +256,10 @@ class DaemonClient(Scheduler):
     def status(self) -> dict:
         return self._call({"op": "status"})["status"]
 
+    def reset_quota(self, user: str | None = None) -> int:
+        """Forget today's charges of `user`, or of every account (see QuotaLedger.reset)."""
+        return self._call({"op": "reset_quota", "user": user})["reset"]
+
     def close(self) -> None:
         with self._lock:
             self._closed = True

@@ -191,6 +191,12 @@ class Connection:
     def _on_status(self, rid: int) -> dict:
         return {"ok": True, "status": self.daemon.status()}
 
+    def _on_reset_quota(self, rid: int, user: str | None) -> dict:
+        # Only the daemon's own user gets a connection at all (see Daemon._admit): the owner of the ledger.
+        reset = self.daemon.scheduler.ledger.reset(user)
+        log.info("%s reset today's quota of %s (%d accounts)", self, repr(user) if user else "every account", reset)
+        return {"ok": True, "reset": reset}
+
     def _lease(self, lease_id: int) -> Lease:
         """A lease this client's process holds; one a previous daemon granted becomes this connection's."""
         scheduler = self.daemon.scheduler
@@ -433,12 +439,20 @@ def serve(
         raise InvalidArgument("name the daemon's socket: pass a path or set ZEROGPU_SCHEDULER")
     daemon = Daemon(path, policy=policy, ledger_path=ledger_path, heartbeat_timeout=heartbeat_timeout)
     stop = threading.Event()
+    received: list[int] = []
     handlers = {}
+
+    def on_signal(signum: int, _frame: object) -> None:
+        received.append(signum)
+        stop.set()
+
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGTERM, signal.SIGINT):
-            handlers[signum] = signal.signal(signum, lambda *_: stop.set())
+            handlers[signum] = signal.signal(signum, on_signal)
+    started = False
     try:
         daemon.start()
+        started = True
         log.info("serving %d GPUs on %s", len(daemon.scheduler.devices), daemon.socket_path)
         if ready is not None:
             ready(daemon)
@@ -448,3 +462,7 @@ def serve(
         daemon.stop()
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
+        if started:
+            why = f"on {signal.Signals(received[0]).name}" if received else "on an error"
+            log.info("stopped %s: no longer serving %s; the leases of apps still running stay in the "
+                     "ledger for the next daemon", why, daemon.socket_path)

@@ -45,6 +45,7 @@ REQUESTS: dict[str, dict[str, tuple[str, bool]]] = {
     "evicted": {"lease": ("int", False)},
     "ping": {},
     "status": {},
+    "reset_quota": {"user": ("str", True)},
 }
 MAX_STRING = 1024
 MAX_LIST = 4096

@@ -423,6 +423,17 @@ class QuotaLedger:
 
         return self._grouped(charge)
 
+    def reset(self, user: str | None = None) -> int:
+        """Forget today's charges of `user` (every tier of it), or of every account; return how many had any.
+
+        Reservations of calls running now stay: they are charged as usual when the calls end.
+        """
+        day = day_of(self.clock())
+        with self._transaction() as db:
+            if user is None:
+                return db.execute("DELETE FROM usage WHERE day=?", (day,)).rowcount
+            return db.execute("DELETE FROM usage WHERE day=? AND user=?", (day, user)).rowcount
+
     # -- what is known ----------------------------------------------------------
 
     def balance(self, identity: Identity) -> Balance:

@@ -30,9 +30,14 @@ def status(socket_path: str | os.PathLike | None = None) -> dict:
 
         client = DaemonClient(path)
         try:
-            return {"source": "daemon", **client.status()}
+            state = client.status()
         finally:
             client.close()
+        # The daemon counts the connection that asked: it is not an app.
+        clients = state["daemon"]["clients"]
+        if os.getpid() in clients:
+            clients.remove(os.getpid())
+        return {"source": "daemon", **state}
     return embedded_status()
 
 
@@ -112,6 +117,8 @@ def render_status(state: dict) -> RenderableType:
         quota.add_row(entry["user"], entry["tier"], f"{entry['used']:.1f} s", f"{entry['reserved']:.1f} s",
                       seconds_or_none(entry["left"], ".1f"), seconds_or_none(entry["limit"], "g"))
     parts.append(quota if state["quota"] else Text("No quota used today.", style="dim"))
+    if state["quota"]:
+        parts.append(Text("The ledger's owner gives quota back with `zerogpu quota reset [USER]`.", style="dim"))
     return Group(*parts)
 
 
@@ -120,8 +127,9 @@ def headline(state: dict) -> Text:
     tiers = ", ".join(f"{tier} {seconds_or_none(seconds, 'g')}" for tier, seconds in policy["daily_quota"].items())
     if state["source"] == "daemon":
         daemon = state["daemon"]
+        apps = len(daemon["clients"])
         where = (f"node daemon pid {daemon['pid']} on {daemon['socket']}, "
-                 f"{len(daemon['clients'])} apps connected")
+                 f"{apps} app{'' if apps == 1 else 's'} connected")
     else:
         where = "no node daemon: embedded schedulers, as the quota ledger sees them"
     return Text(f"zerogpu: {where}\n{policy['large_per_gpu']} large calls per GPU; daily quotas: {tiers}")
