@@ -26,11 +26,8 @@ torch.cuda answers) and replacements (what patch() replaces in torch).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
-from typing import Iterator
-
 import torch
 
 from ..errors import CudaInitialized, InvalidArgument
@@ -130,24 +127,13 @@ def activate() -> None:
     torch_mode.enter_mode()
 
 
-@contextlib.contextmanager
-def suspended() -> Iterator[None]:
+def suspended():
     """Run the block in this thread with torch unpatched: emulated tensors are plain CPU tensors.
 
     For code that must see the data as it is, such as packing a snapshot.
     Other threads keep the emulation.
     """
-    active = torch_mode.mode_active()
-    if active:
-        torch_mode.leave_mode()
-    was_suspended = emulated_devices.is_suspended()
-    emulated_devices.set_suspended(True)
-    try:
-        yield
-    finally:
-        emulated_devices.set_suspended(was_suspended)
-        if active and emulated_devices.patched is not None:
-            torch_mode.enter_mode()
+    return torch_mode.suspended()
 
 
 def is_patched() -> bool:
