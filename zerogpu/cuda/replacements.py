@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import torch
 import torch.amp.autocast_mode
+import torch.export
 import torch.serialization
 
 from . import emulated_devices, torch_mode
@@ -174,6 +175,17 @@ def _own_copy(function: Any, name: str) -> Any:
     return copy
 
 
+def _export_emulated(original: Callable) -> Callable:
+    # torch.export traces the model as torch.compile does: with the mode
+    # suspended, emulated tensors are the CPU tensors they are.
+    @functools.wraps(original)
+    def export(*args, **kwargs):
+        with torch_mode.suspended():
+            return original(*args, **kwargs)
+
+    return export
+
+
 def _replacements() -> list[tuple[Any, str, Any]]:
     """(owner, attribute, value) for everything patch() replaces, wrapping what is there now."""
     replacements: list[tuple[Any, str, Any]] = [
@@ -189,6 +201,7 @@ def _replacements() -> list[tuple[Any, str, Any]]:
         (torch._utils, "_rebuild_tensor_v3", _rebuild_marked(torch._utils._rebuild_tensor_v3)),
         (torch, "Generator", generator_class(torch.Generator)),
         (torch, "compile", compile_emulated(torch.compile)),
+        (torch.export, "export", _export_emulated(torch.export.export)),
         (
             torch.amp.autocast_mode.autocast,
             "__init__",
