@@ -18,7 +18,7 @@ import torch.amp.autocast_mode
 import torch.export
 import torch.serialization
 
-from . import emulated_devices, torch_mode
+from . import emulated_devices, streams, torch_mode
 from .compiling import compile_emulated
 from .accelerator import ACCELERATOR_FUNCTIONS, ACCELERATOR_MODULES
 from .emulated_devices import cuda_device, cuda_target
@@ -186,6 +186,18 @@ def _export_emulated(original: Callable) -> Callable:
     return export
 
 
+def _record_stream_emulated(original: Callable) -> Callable:
+    # torch's argument parser refuses an emulated stream before any mode sees
+    # the call; on the emulated device everything runs in order: nothing to record.
+    @functools.wraps(original)
+    def record_stream(tensor: torch.Tensor, stream: Any) -> None:
+        if isinstance(stream, streams.Stream):
+            return None
+        return original(tensor, stream)
+
+    return record_stream
+
+
 def _replacements() -> list[tuple[Any, str, Any]]:
     """(owner, attribute, value) for everything patch() replaces, wrapping what is there now."""
     replacements: list[tuple[Any, str, Any]] = [
@@ -202,6 +214,7 @@ def _replacements() -> list[tuple[Any, str, Any]]:
         (torch, "Generator", generator_class(torch.Generator)),
         (torch, "compile", compile_emulated(torch.compile)),
         (torch.export, "export", _export_emulated(torch.export.export)),
+        (torch.Tensor, "record_stream", _record_stream_emulated(torch.Tensor.record_stream)),
         (
             torch.amp.autocast_mode.autocast,
             "__init__",

@@ -297,14 +297,6 @@ def _device(func: Callable, args: tuple, kwargs: dict) -> Any:
     return func(*args, **kwargs)
 
 
-def _record_stream(func: Callable, args: tuple, kwargs: dict) -> Any:
-    # An emulated stream runs everything in order on the CPU: nothing to record.
-    stream = args[1] if len(args) > 1 else kwargs.get("stream")
-    if marked.index(args[0]) is not None or not isinstance(stream, torch._C.Stream):
-        return None
-    return func(*args, **kwargs)
-
-
 def _device_of(func: Callable, args: tuple, kwargs: dict) -> Any:
     index = marked.index(args[0])
     return func(*args, **kwargs) if index is None else cuda_device(index)
@@ -399,7 +391,6 @@ _HANDLERS: dict[Callable, Callable[[Callable, tuple, dict], Any]] = {
     torch.Tensor.set_: _in_place_storage,
     torch.Tensor.resize_: _in_place_storage,
     torch.device: _device,
-    torch.Tensor.record_stream: _record_stream,
     torch.Tensor.index_put_: _self_decides,
     torch.Tensor.index_put: _self_decides,
     torch.Tensor.new_tensor: _self_decides,
