@@ -194,3 +194,36 @@ def test_unpatched_torch_is_plain_torch():
             torch.cuda.Stream, torch.cuda.memory_allocated, torch.amp.autocast_mode.autocast.__init__) == originals
     assert "__new__" not in vars(torch.UntypedStorage) and "device" not in vars(torch.UntypedStorage)
     assert "record_stream" not in vars(torch.Tensor)
+
+
+@pytest.fixture
+def own_compile_cache(monkeypatch):
+    """Inductor's cache folder left for zerogpu to choose (torch writes its choice into the environment)."""
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+
+
+@pytest.mark.slow
+def test_torch_compile_in_a_worker_is_paid_once_for_every_later_cold_worker(own_compile_cache, gpu, tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8)).to("cuda")
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        expected = model(x.to("cuda")).cpu()
+
+    @gpu.GPU(duration=600)
+    def compiled_call(x):
+        from torch._dynamo.utils import counters
+
+        compiled = torch.compile(model)
+        with torch.no_grad():
+            out = compiled(x.to("cuda"))
+        assert out.device.type == "cuda"
+        inductor = counters["inductor"]
+        return out.cpu(), inductor["fxgraph_cache_miss"], inductor["fxgraph_cache_hit"], os.environ["TORCHINDUCTOR_CACHE_DIR"]
+
+    first, misses, hits, folder = compiled_call(x)
+    assert torch.allclose(first, expected, atol=1e-5) and (misses, hits) == (1, 0)
+    assert folder.startswith(str(tmp_path / "data" / "compile-cache"))
+    second, misses, hits, _ = compiled_call(x)  # a new cold worker: the compile comes from the app's cache
+    assert torch.equal(second, first) and (misses, hits) == (0, 1)
+    assert os.stat(folder).st_mode & 0o077 == 0

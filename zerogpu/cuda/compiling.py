@@ -9,7 +9,9 @@ tensors they are, and its outputs are marked for the device of its inputs
 Each worker is a fresh process, so the compile of one would be lost with it;
 inductor's caches (FX graphs, AOTAutograd, kernels) are kept in a folder of
 the app's under zerogpu's data folder, which every later worker starts from,
-and which outlives restarts. TORCHINDUCTOR_CACHE_DIR, when set, is left alone.
+and which outlives restarts. patch() chooses it, before torch's compilers are
+imported (they fix their folder then). TORCHINDUCTOR_CACHE_DIR, when set, is
+left alone.
 """
 
 from __future__ import annotations
@@ -79,7 +81,6 @@ def compile_emulated(original: Callable) -> Callable:
     def compile(model: Any = None, **kwargs: Any) -> Any:
         if model is None:
             return lambda model: compile(model, **kwargs)
-        use_app_cache()
         compiled = original(model, **kwargs)
         if isinstance(compiled, torch.nn.Module):  # an OptimizedModule: its forward runs the compiled code
             compiled.forward = _emulated_call(compiled.forward, model)

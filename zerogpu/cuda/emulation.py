@@ -31,7 +31,7 @@ import threading
 import torch
 
 from ..errors import CudaInitialized, InvalidArgument
-from . import emulated_devices, replacements, torch_mode
+from . import compiling, emulated_devices, replacements, torch_mode
 from .emulated_devices import DeviceInfo
 from .registry import is_cuda, live_tensors, mark, marks, rebind, unmark
 from .torch_cuda import DeviceProperties
@@ -93,6 +93,8 @@ def patch(device: DeviceInfo | None = None) -> None:
                 "`zerogpu run app.py`, which does both first."
             )
         replacements.install()
+        # Before anything imports torch's compilers, which fix their cache folder on import.
+        compiling.use_app_cache()
         emulated_devices.set_patched(device if device is not None else DeviceInfo())
         torch_mode.enter_mode()
 
