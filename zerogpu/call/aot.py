@@ -76,7 +76,11 @@ class Bound:
         from ..cuda import emulation
 
         package = self.compiled.loaded()
-        weights = self.module.state_dict()
+        # Parameters and every buffer: exported constants include non-persistent buffers.
+        weights = {
+            **dict(self.module.named_buffers(remove_duplicate=False)),
+            **dict(self.module.named_parameters(remove_duplicate=False)),
+        }
         names = package.get_constant_fqns()
         missing = [name for name in names if name not in weights]
         if missing:
