@@ -79,9 +79,21 @@ def test_enable_queue_is_ignored_with_the_real_warning():
     assert decorated is double
 
 
-def test_unknown_keywords_are_refused_by_name():
-    with pytest.raises(TypeError, match="'queue_size'.*duration= and size="):
-        spaces.GPU(queue_size=3)
+def test_unknown_keywords_are_ignored_with_one_warning(monkeypatch):
+    monkeypatch.setattr(spaces, "_warned", set())
+    with pytest.warns(UserWarning, match="ignores 'queue'.*duration= and size="):
+        decorated = spaces.GPU(duration=60, queue=False)(double)
+    assert decorated is double
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert spaces.GPU(queue=True)(double) is double  # warned once already
+
+
+def test_unknown_keywords_decorate_with_zerogpu(gpu, monkeypatch):
+    monkeypatch.setattr(spaces, "_warned", set())
+    with pytest.warns(UserWarning, match="ignores 'queue'"):
+        decorated = spaces.GPU(duration=30, queue=False)(double)
+    assert decorated is not double and decorated(21) == 42
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -100,10 +112,39 @@ def test_every_public_name_of_the_real_package_exists():
     assert sorted(spaces.__all__) == sorted([*REAL_NAMES, "config", "zero"])
 
 
-@pytest.mark.parametrize("name", AOTI)
-def test_ahead_of_time_compilation_is_refused_by_name(name):
-    with pytest.raises(NotImplementedError, match=rf"spaces\.{name} .*torch\.compile"):
-        getattr(spaces, name)(object())
+def test_ahead_of_time_helpers_refuse_bad_input_saying_what_to_do(tmp_path):
+    with pytest.raises(zerogpu.InvalidArgument, match="torch.export.ExportedProgram.*export the module first"):
+        spaces.aoti_compile(object())
+    with pytest.raises(zerogpu.InvalidArgument, match="what zerogpu.aot.compile returned"):
+        spaces.aoti_apply(object(), torch.nn.Linear(2, 2))
+    with pytest.raises(zerogpu.InvalidArgument, match="neither root/ nor submodules/"):
+        spaces.aoti_load_from_package_dir(torch.nn.Linear(2, 2), tmp_path)
+    with pytest.raises(zerogpu.InvalidArgument, match="no _repeated_blocks"):
+        spaces.aoti_blocks_load(torch.nn.Linear(2, 2), str(tmp_path))
+    with pytest.raises(zerogpu.InvalidArgument, match="no compiled package at .*Block.*compile it and save it"):
+        spaces.aoti_blocks_load(type("M", (torch.nn.Module,), {"_repeated_blocks": ["Block"]})(), str(tmp_path))
+    with pytest.raises(zerogpu.InvalidArgument, match="no method 'call'"):
+        with spaces.aoti_capture(torch.nn.Linear(2, 2), "call"):
+            pass
+
+
+def test_capture_catches_the_first_call_and_ends_the_block_there():
+    module = torch.nn.Linear(2, 2)
+    reached = []
+    with spaces.aoti_capture(module) as call:
+        module.forward(torch.ones(1, 2), scale=3)
+        reached.append(True)
+    assert not reached and call.kwargs == {"scale": 3} and torch.equal(call.args[0], torch.ones(1, 2))
+    assert "forward" not in vars(module) and module(torch.ones(1, 2)).shape == (1, 2)
+
+
+def test_load_call_source_names_the_call_and_the_loader():
+    def loader(module, folder):
+        return None
+
+    source = spaces.aoti_load_call_source("pipe.transformer", "me/compiled", aoti_loader=loader)
+    assert source.startswith("def loader(module, folder):")
+    assert "spaces.aoti_load(\n    module=pipe.transformer,\n    repo_id='me/compiled',\n    aoti_loader=loader,\n)" in source
 
 
 def test_unknown_names_say_what_the_module_offers():

@@ -26,15 +26,12 @@ torch.cuda answers) and replacements (what patch() replaces in torch).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
-from typing import Iterator
-
 import torch
 
 from ..errors import CudaInitialized, InvalidArgument
-from . import emulated_devices, replacements, torch_mode
+from . import compiling, emulated_devices, replacements, torch_mode
 from .emulated_devices import DeviceInfo
 from .registry import is_cuda, live_tensors, mark, marks, rebind, unmark
 from .torch_cuda import DeviceProperties
@@ -96,6 +93,8 @@ def patch(device: DeviceInfo | None = None) -> None:
                 "`zerogpu run app.py`, which does both first."
             )
         replacements.install()
+        # Before anything imports torch's compilers, which fix their cache folder on import.
+        compiling.use_app_cache()
         emulated_devices.set_patched(device if device is not None else DeviceInfo())
         torch_mode.enter_mode()
 
@@ -130,24 +129,13 @@ def activate() -> None:
     torch_mode.enter_mode()
 
 
-@contextlib.contextmanager
-def suspended() -> Iterator[None]:
+def suspended():
     """Run the block in this thread with torch unpatched: emulated tensors are plain CPU tensors.
 
     For code that must see the data as it is, such as packing a snapshot.
     Other threads keep the emulation.
     """
-    active = torch_mode.mode_active()
-    if active:
-        torch_mode.leave_mode()
-    was_suspended = emulated_devices.is_suspended()
-    emulated_devices.set_suspended(True)
-    try:
-        yield
-    finally:
-        emulated_devices.set_suspended(was_suspended)
-        if active and emulated_devices.patched is not None:
-            torch_mode.enter_mode()
+    return torch_mode.suspended()
 
 
 def is_patched() -> bool:

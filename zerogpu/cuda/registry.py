@@ -29,9 +29,10 @@ class Registry:
     never answer for a dead tensor.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, memory: "StorageAccounts | None" = None) -> None:
         self._entries: dict[int, tuple[weakref.ref, int]] = {}
         self.added = 0  # entries ever made: a count that only grows
+        self.memory = memory if memory is not None else StorageAccounts()
 
     def index(self, tensor: torch.Tensor) -> int | None:
         entry = self._entries.get(id(tensor))
@@ -44,32 +45,105 @@ class Registry:
         entry = self._entries.get(key)
         if entry is not None and entry[0]() is tensor:
             if entry[1] != index:
+                self.memory.forget(key)
+                self.memory.count(key, tensor, index)
                 self._entries[key] = (entry[0], index)
             return
         self._entries[key] = (weakref.ref(tensor, functools.partial(self._forget, key)), index)
+        self.memory.count(key, tensor, index)
         self.added += 1
+
+    def moved(self, tensor: torch.Tensor) -> None:
+        """Count a marked tensor's memory again: its data now lives in another storage."""
+        key = id(tensor)
+        entry = self._entries.get(key)
+        if entry is not None and entry[0]() is tensor:
+            self.memory.forget(key)
+            self.memory.count(key, tensor, entry[1])
 
     def discard(self, tensor: torch.Tensor) -> None:
         key = id(tensor)
         entry = self._entries.get(key)
         if entry is not None and entry[0]() is tensor:
             del self._entries[key]
+            self.memory.forget(key)
 
-    def tensors(self) -> list[torch.Tensor]:
+    def tensors(self) -> list:
         alive = (ref() for ref, _ in list(self._entries.values()))
         return [tensor for tensor in alive if tensor is not None]
 
     def clear(self) -> None:
         self._entries.clear()
+        self.memory.clear()
 
     def _forget(self, key: int, ref: weakref.ref) -> None:
         entry = self._entries.get(key)
         if entry is not None and entry[0] is ref:
             del self._entries[key]
+            self.memory.forget(key)
+
+
+class StorageAccounts:
+    """The bytes each emulated device holds: the storages of its live marked tensors, each once.
+
+    What torch.cuda.memory_allocated() and its peak report. A storage is
+    counted while any marked tensor (or emulated storage) holds it, by its
+    data pointer; each holder remembers the storage it was counted under, so
+    rebinding a tensor to other memory moves its count (Registry.moved).
+    """
+
+    def __init__(self) -> None:
+        self._holders: dict[int, tuple[int, int]] = {}  # holder id -> (data pointer, device index)
+        self._storages: dict[tuple[int, int], list[int]] = {}  # (pointer, index) -> [holders, bytes]
+        self.allocated: dict[int, int] = {}
+        self.peak: dict[int, int] = {}
+
+    def count(self, holder: int, tensor: torch.Tensor | torch.UntypedStorage, index: int) -> None:
+        pointer, nbytes = _storage_of(tensor)
+        self._holders[holder] = (pointer, index)
+        account = self._storages.get((pointer, index))
+        if account is not None:
+            account[0] += 1
+            return
+        self._storages[(pointer, index)] = [1, nbytes]
+        allocated = self.allocated[index] = self.allocated.get(index, 0) + nbytes
+        if allocated > self.peak.get(index, 0):
+            self.peak[index] = allocated
+
+    def forget(self, holder: int) -> None:
+        place = self._holders.pop(holder, None)
+        if place is None:
+            return
+        account = self._storages[place]
+        account[0] -= 1
+        if not account[0]:
+            del self._storages[place]
+            self.allocated[place[1]] -= account[1]
+
+    def reset_peak(self, index: int) -> None:
+        self.peak[index] = self.allocated.get(index, 0)
+
+    def clear(self) -> None:
+        self._holders.clear()
+        self._storages.clear()
+        self.allocated.clear()
+        self.peak.clear()
+
+
+def _storage_of(tensor: torch.Tensor | torch.UntypedStorage) -> tuple[int, int]:
+    """(data pointer, bytes) of a tensor's storage, asked of torch itself, not of the emulation."""
+    with torch._C.DisableTorchFunction():
+        try:
+            storage = tensor if isinstance(tensor, torch.UntypedStorage) else tensor.untyped_storage()
+            return storage.data_ptr(), storage.nbytes()
+        except (RuntimeError, NotImplementedError):  # tensors without a storage: sparse, nested
+            return 0, 0
 
 
 # Every emulated cuda tensor of this process; the function mode asks it on every torch call.
 marked = Registry()
+# Storages made with UntypedStorage(n, device="cuda"), counted in the same memory.
+marked_storages = Registry(marked.memory)
 
 
 def is_cuda(tensor: object) -> bool:
@@ -132,6 +206,7 @@ def rebind(tensor: torch.Tensor, data: torch.Tensor, *, mark: bool | None = None
         torch.Tensor.data.__set__(tensor, data)
     if mark:
         marked.set(tensor, index if index is not None else emulated_devices.current_index())
+        marked.moved(tensor)
     else:
         marked.discard(tensor)
 

@@ -10,14 +10,20 @@ from __future__ import annotations
 
 import functools
 import threading
+import types
 from typing import Any, Callable
 
 import torch
+import torch.amp.autocast_mode
+import torch.export
 import torch.serialization
 
-from . import emulated_devices, torch_mode
-from .emulated_devices import cuda_target
-from .registry import marked
+from . import emulated_devices, streams, torch_mode
+from .compiling import compile_emulated
+from .accelerator import ACCELERATOR_FUNCTIONS, ACCELERATOR_MODULES
+from .emulated_devices import cuda_device, cuda_target
+from .generators import generator_class
+from .registry import marked, marked_storages
 from .torch_cuda import CUDA_FUNCTIONS, CUDA_MODULES, CUDA_WRAPPERS, refuse_cuda_init
 
 # What restore() runs to undo each replacement, in install order.
@@ -100,7 +106,7 @@ def _bootstrap_emulated(original: Callable) -> Callable:
     def _bootstrap_inner(thread: threading.Thread) -> None:
         entered = emulated_devices.patched is not None and not torch_mode.mode_active()
         if entered:
-            torch._C._push_on_torch_function_stack(torch_mode.MODE)
+            torch_mode.enter_mode()
         try:
             original(thread)
         finally:
@@ -111,6 +117,85 @@ def _bootstrap_emulated(original: Callable) -> Callable:
                 torch_mode.leave_mode()
 
     return _bootstrap_inner
+
+
+def _autocast_emulated(original: Callable) -> Callable:
+    # CUDA autocast would cast only tensors on real CUDA devices, and emulated
+    # ones are CPU tensors: it becomes CPU autocast, in the dtype CUDA's would use.
+    @functools.wraps(original)
+    def __init__(self, device_type: str, dtype=None, enabled: bool = True, cache_enabled=None) -> None:
+        if device_type == "cuda":
+            device_type = "cpu"
+            if dtype is None:
+                dtype = torch.get_autocast_dtype("cuda")
+        original(self, device_type, dtype, enabled, cache_enabled)
+
+    return __init__
+
+
+def _storage_emulated(original: Callable) -> Callable:
+    # UntypedStorage(n, device="cuda") is a CPU storage, recorded so that it
+    # reports its cuda device and counts in the device's memory.
+    def __new__(cls, *args, device=None, **kwargs):
+        target = cuda_target(device) if device is not None else None
+        if target is None:
+            if device is not None:
+                kwargs["device"] = device
+            return original(cls, *args, **kwargs)
+        storage = original(cls, *args, device="cpu", **kwargs)
+        marked_storages.set(storage, target)
+        return storage
+
+    return __new__
+
+
+def _storage_device(original: Any) -> property:
+    def device(storage: torch.UntypedStorage) -> torch.device:
+        index = marked_storages.index(storage)
+        return original.__get__(storage) if index is None else cuda_device(index)
+
+    return property(device)
+
+
+def _own_copy(function: Any, name: str) -> Any:
+    """A function object of its own for each name it replaces.
+
+    torch._dynamo keeps a table keyed by torch's functions and refuses one
+    function under two names (torch.cuda.current_stream and
+    torch.accelerator.current_stream, memory_allocated and memory_reserved).
+    """
+    if not isinstance(function, types.FunctionType):
+        return function
+    copy = types.FunctionType(
+        function.__code__, function.__globals__, name, function.__defaults__, function.__closure__
+    )
+    copy.__kwdefaults__ = function.__kwdefaults__
+    copy.__doc__ = function.__doc__
+    copy.__qualname__ = name
+    return copy
+
+
+def _export_emulated(original: Callable) -> Callable:
+    # torch.export traces the model as torch.compile does: with the mode
+    # suspended, emulated tensors are the CPU tensors they are.
+    @functools.wraps(original)
+    def export(*args, **kwargs):
+        with torch_mode.suspended():
+            return original(*args, **kwargs)
+
+    return export
+
+
+def _record_stream_emulated(original: Callable) -> Callable:
+    # torch's argument parser refuses an emulated stream before any mode sees
+    # the call; on the emulated device everything runs in order: nothing to record.
+    @functools.wraps(original)
+    def record_stream(tensor: torch.Tensor, stream: Any) -> None:
+        if isinstance(stream, streams.Stream):
+            return None
+        return original(tensor, stream)
+
+    return record_stream
 
 
 def _replacements() -> list[tuple[Any, str, Any]]:
@@ -126,7 +211,23 @@ def _replacements() -> list[tuple[Any, str, Any]]:
         ),
         (torch._utils, "_rebuild_tensor", _rebuild_marked(torch._utils._rebuild_tensor)),
         (torch._utils, "_rebuild_tensor_v3", _rebuild_marked(torch._utils._rebuild_tensor_v3)),
+        (torch, "Generator", generator_class(torch.Generator)),
+        (torch, "compile", compile_emulated(torch.compile)),
+        (torch.export, "export", _export_emulated(torch.export.export)),
+        (torch.Tensor, "record_stream", _record_stream_emulated(torch.Tensor.record_stream)),
+        (
+            torch.amp.autocast_mode.autocast,
+            "__init__",
+            _autocast_emulated(torch.amp.autocast_mode.autocast.__init__),
+        ),
+        (torch.UntypedStorage, "__new__", _storage_emulated(torch.UntypedStorage.__new__)),
+        (torch.UntypedStorage, "device", _storage_device(torch._C.StorageBase.device)),
     ]
+    for name, replacement in ACCELERATOR_FUNCTIONS.items():
+        replacement = _own_copy(replacement, name)
+        for module in ACCELERATOR_MODULES:
+            if hasattr(module, name):
+                replacements.append((module, name, replacement))
     for name in (*CUDA_FUNCTIONS, *CUDA_WRAPPERS):
         original = getattr(torch.cuda, name, None)
         if original is None:  # e.g. _maybe_exchange_device, new in torch 2.3
@@ -134,7 +235,7 @@ def _replacements() -> list[tuple[Any, str, Any]]:
         if name in CUDA_WRAPPERS:
             replacement = CUDA_WRAPPERS[name](original)
         else:
-            replacement = CUDA_FUNCTIONS[name]
+            replacement = _own_copy(CUDA_FUNCTIONS[name], name)
         for module in CUDA_MODULES:
             if getattr(module, name, None) is original:
                 replacements.append((module, name, replacement))

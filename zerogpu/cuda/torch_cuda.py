@@ -18,11 +18,15 @@ from typing import Callable, NoReturn
 import torch
 import torch.cuda.memory
 import torch.cuda.random
+import torch.cuda.streams
 
 from ..errors import CudaInitialized
+from .compiling import in_compiled_code
+from .generators import RANDOM_FUNCTIONS
+from .memory_stats import MEMORY_FUNCTIONS
+from .streams import STREAM_FUNCTIONS
 from .emulated_devices import current_index, device_index, info, is_suspended, set_current_index
-from .registry import marked
-from .torch_mode import mode_active
+from .torch_mode import entered_in_this_thread, mode_active
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +38,19 @@ class DeviceProperties:
     minor: int
     total_memory: int
     multi_processor_count: int
+    # What torch's compilers ask besides (inductor, triton's heuristics): an
+    # H100's answers, as the emulated device reports compute capability 9.0.
+    gcnArchName: str = "NVIDIA emulated"
+    warp_size: int = 32
+    is_integrated: bool = False
+    is_multi_gpu_board: bool = False
+    max_threads_per_multi_processor: int = 2048
+    regs_per_multiprocessor: int = 65536
+    shared_memory_per_block: int = 49152
+    shared_memory_per_block_optin: int = 232448
+    shared_memory_per_multiprocessor: int = 233472
+    L2_cache_size: int = 50 * 2**20
+    uuid: str = "00000000-0000-0000-0000-000000000000"
 
 
 def _caller() -> str:
@@ -62,11 +79,16 @@ def _is_library_file(filename: str) -> bool:
 def refuse_cuda_init(*args: object, **kwargs: object) -> NoReturn:
     call = _caller()
     hint = ""
-    if not mode_active() and not is_suspended():
+    if not mode_active() and not is_suspended() and not entered_in_this_thread():
         hint = (
             f" This thread ({threading.current_thread().name}) was started before zerogpu "
             "patched torch, so the emulation is not active in it: enable zerogpu before "
             "starting threads."
+        )
+    if in_compiled_code():
+        hint += (
+            " This call was made in code compiled with torch.compile, which runs on the emulated "
+            "device as plain CPU code: take devices from the inputs (x.device) rather than naming 'cuda'."
         )
     raise CudaInitialized(
         f"{call} would initialize CUDA in a process where zerogpu emulates it, and zerogpu "
@@ -123,18 +145,6 @@ def _get_device_capability(device: object = None) -> tuple[int, int]:
     return properties.major, properties.minor
 
 
-def _mem_get_info(device: object = None) -> tuple[int, int]:
-    """(free, total): free is total less the emulated tensors' memory on that device."""
-    index = device_index(device)
-    total = info().total_memory
-    storages = {}
-    for tensor in marked.tensors():
-        if marked.index(tensor) == index:
-            storage = tensor.untyped_storage()
-            storages[storage.data_ptr()] = storage.nbytes()
-    return max(total - sum(storages.values()), 0), total
-
-
 def _synchronize(device: object = None) -> None:
     device_index(device)
 
@@ -180,9 +190,11 @@ CUDA_FUNCTIONS: dict[str, Callable] = {
     "get_device_name": _get_device_name,
     "get_device_properties": _get_device_properties,
     "get_device_capability": _get_device_capability,
-    "mem_get_info": _mem_get_info,
     "synchronize": _synchronize,
     "empty_cache": _empty_cache,
     "set_per_process_memory_fraction": _set_per_process_memory_fraction,
+    **MEMORY_FUNCTIONS,
+    **RANDOM_FUNCTIONS,
+    **STREAM_FUNCTIONS,
 }
-CUDA_MODULES = (torch.cuda, torch.cuda.memory, torch.cuda.random)
+CUDA_MODULES = (torch.cuda, torch.cuda.memory, torch.cuda.random, torch.cuda.streams)

@@ -8,7 +8,10 @@ CPU tensors meet.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NoReturn
+import contextlib
+import threading
+import weakref
+from typing import Any, Callable, Iterator, NoReturn
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -272,6 +275,26 @@ def _set_data(func: Callable, args: tuple, kwargs: dict) -> None:
         marked.discard(self)
     else:
         marked.set(self, index)
+        marked.moved(self)
+
+
+def _in_place_storage(func: Callable, args: tuple, kwargs: dict) -> Any:
+    # set_ and resize_ give a tensor other memory: its bytes are counted again.
+    result = _self_decides(func, args, kwargs)
+    marked.moved(args[0])
+    return result
+
+
+def _device(func: Callable, args: tuple, kwargs: dict) -> Any:
+    """torch.device(0): a bare ordinal names a CUDA device, as in a CUDA build of torch.
+
+    torch resolves it through torch.accelerator's C++ side, which knows no
+    emulation and would say there is no accelerator.
+    """
+    if len(args) == 1 and not kwargs and isinstance(args[0], int) and not isinstance(args[0], bool):
+        if args[0] >= 0:
+            return cuda_device(cuda_target(args[0]))
+    return func(*args, **kwargs)
 
 
 def _device_of(func: Callable, args: tuple, kwargs: dict) -> Any:
@@ -365,6 +388,9 @@ _HANDLERS: dict[Callable, Callable[[Callable, tuple, dict], Any]] = {
     torch.Tensor.__getitem__: _self_decides,
     torch.Tensor.__setitem__: _self_decides,
     torch.Tensor.copy_: _self_decides,
+    torch.Tensor.set_: _in_place_storage,
+    torch.Tensor.resize_: _in_place_storage,
+    torch.device: _device,
     torch.Tensor.index_put_: _self_decides,
     torch.Tensor.index_put: _self_decides,
     torch.Tensor.new_tensor: _self_decides,
@@ -404,7 +430,17 @@ def mode_active() -> bool:
     )
 
 
+# The threads that have had the mode, so that an error can tell a thread
+# started before patch() from one whose torch is inside a compiler's tracing.
+_threads: "weakref.WeakSet[threading.Thread]" = weakref.WeakSet()
+
+
+def entered_in_this_thread() -> bool:
+    return threading.current_thread() in _threads
+
+
 def enter_mode() -> None:
+    _threads.add(threading.current_thread())
     if not mode_active():
         torch._C._push_on_torch_function_stack(MODE)
 
@@ -420,3 +456,19 @@ def leave_mode() -> None:
     for mode in reversed(above):
         torch._C._push_on_torch_function_stack(mode)
 
+
+
+@contextlib.contextmanager
+def suspended() -> Iterator[None]:
+    """This thread without the mode for the block: emulated tensors are plain CPU tensors."""
+    active = mode_active()
+    if active:
+        leave_mode()
+    was_suspended = emulated_devices.is_suspended()
+    emulated_devices.set_suspended(True)
+    try:
+        yield
+    finally:
+        emulated_devices.set_suspended(was_suspended)
+        if active and emulated_devices.patched is not None:
+            enter_mode()
