@@ -105,6 +105,7 @@ def gpu(tmp_path, monkeypatch):
     """zerogpu enabled in this process on two emulated GPUs; no lease may outlive the test."""
     import zerogpu
     from zerogpu import runtime
+    from zerogpu.call.teardown import teardown
     from zerogpu.schedule.choice import scheduler
 
     emulated_environment(monkeypatch, tmp_path)
@@ -113,6 +114,7 @@ def gpu(tmp_path, monkeypatch):
     zerogpu.enable()
     try:
         yield zerogpu
+        teardown.wait()  # workers that ended their calls, still on their way out
         leases = scheduler().status()["leases"]
         assert not leases, f"leases outlived the test: {leases}"
     finally:
