@@ -460,3 +460,33 @@ def test_readme_example_is_the_quickstart_example():
     source = (EXAMPLES / "quickstart.py").read_text()
     assert source.endswith(shown)
     assert source[: -len(shown)].rstrip().endswith('"""')  # only the docstring is left out
+
+
+# -- starting at once ------------------------------------------------------------------------
+
+# Runs the command line's main as the console script does, then says whether torch was imported.
+WITHOUT_TORCH = """
+import sys
+sys.argv = ["zerogpu", *sys.argv[1:]]
+try:
+    from zerogpu.cli import main
+    main()
+except SystemExit:
+    pass
+finally:
+    print("torch imported:", "torch" in sys.modules, file=sys.__stderr__)
+"""
+
+
+@pytest.mark.parametrize("args", [
+    ["--help"], [], ["nonsense"], ["status"], ["status", "--bogus"], ["info", "--help"], ["info", "--bogus"],
+    ["bench", "--help"], ["bench", "--size", "lots"], ["bench", "--repeat", "0"], ["bench", "--size", "1TB"],
+    ["bench", "--json", "/nonexistent/folder/bench.json"], ["serve", "--bogus"], ["serve", "--large-per-gpu", "x"],
+    ["run"],
+], ids=lambda args: " ".join(args) or "no arguments")
+def test_help_status_and_argument_errors_answer_without_importing_torch(env, args):
+    environ = {**env.environ, "ZEROGPU_SCHEDULER": str(env.tmp / "no-daemon.sock")}
+    done = subprocess.run([sys.executable, "-c", WITHOUT_TORCH, *args], env=environ, capture_output=True,
+                          text=True, timeout=120, cwd=env.tmp)
+    assert done.stderr.splitlines()[-1] == "torch imported: False", done.stderr
+    assert done.stdout or done.stderr.splitlines()[:-1]  # it answered something
