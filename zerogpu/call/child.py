@@ -25,9 +25,12 @@ from typing import Any, Callable, Iterator, NoReturn
 from ..cuda import attach, restore
 from ..errors import SerializationError
 from ..snapshot import packing
-from . import transport
+from . import transport, worker
 
 PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+# Rounds of killing what is left below a worker (each killed process's orphans come back to it).
+DESCENDANT_ROUNDS = 64
 libc = ctypes.CDLL(None, use_errno=True)  # prctl(2) has no binding in Python
 EXIT_FAILED_STAGE = 3
 EXIT_PARENT_GONE = 4
@@ -61,6 +64,7 @@ def main(sock: socket.socket, lifeline_fd: int, parent: int, plan: "Plan") -> No
         traceback.print_exc()
         code = 1
     finally:
+        end_descendants()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
@@ -81,6 +85,9 @@ class Plan:
 def harden(lifeline_fd: int, parent: int) -> None:
     """Make sure this worker can never outlive its parent, `parent` the pid it had before the fork."""
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    # What the call starts and detaches (double fork, setsid) is reparented here, not
+    # to init, so that end_descendants (or the caller's kill_tree) still finds it.
+    libc.prctl(PR_SET_CHILD_SUBREAPER, 1)
     if os.getppid() != parent:  # the parent died before prctl took effect
         os._exit(EXIT_PARENT_GONE)
     # Belt and braces: the parent alone holds the lifeline's write end, so EOF
@@ -91,6 +98,24 @@ def harden(lifeline_fd: int, parent: int) -> None:
     # Descriptor 2 itself: sys.stderr may have none (Jupyter, click's test runner), and then
     # enable() would raise and the worker would die before its first call.
     faulthandler.enable(file=2)
+
+
+def end_descendants() -> None:
+    """Kill and reap every process below this worker: nothing a call started outlives it."""
+    for _ in range(DESCENDANT_ROUNDS):
+        pids = worker.descendants()
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        for pid in pids:
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass  # not ours to reap: its own parent, killed too, was
 
 
 def _watch_lifeline(fd: int) -> None:
@@ -188,6 +213,7 @@ def serve(channel: transport.Channel, plan: Plan) -> None:
             channel.send(("done", {"run_s": 0.0, "finished": time.monotonic()}), to_device=False)
         else:
             run(channel, plan.functions[key], args, kwargs)
+            end_descendants()  # a warm worker's next call starts with nothing left of this one
         if not plan.stay_warm:
             return
 
