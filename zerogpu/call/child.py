@@ -238,11 +238,28 @@ def run(channel: transport.Channel, fn: Callable, args: tuple, kwargs: dict) -> 
     except SystemExit as exc:
         channel.send(("exit", exit_code(exc)), to_device=False)
         raise
+    except MemoryError as exc:
+        send_memory_error(channel, exc)
     except Exception as exc:  # noqa: BLE001 - the caller gets it back
         channel.send(("raise", transport.capture_exception(exc)), to_device=False)
     # `finished` is when the function returned, so the parent can time the return alone.
     finished = finished or time.monotonic()
     channel.send(("done", {"run_s": finished - started, "finished": finished}), to_device=False)
+
+
+def send_memory_error(channel: transport.Channel, exc: MemoryError) -> None:
+    """Send back a MemoryError from a worker whose memory (or address space) is exhausted.
+
+    The traceback's frames still hold what filled it: their locals go first,
+    so that pickling the error finds room. If even that fails, a bare
+    MemoryError goes back without its traceback.
+    """
+    traceback.clear_frames(exc.__traceback__)
+    try:
+        channel.send(("raise", transport.capture_exception(exc)), to_device=False)
+    except MemoryError:
+        exc.__traceback__ = None
+        channel.send(("raise", transport.capture_exception(MemoryError(*exc.args))), to_device=False)
 
 
 def exit_code(exc: SystemExit) -> int:
