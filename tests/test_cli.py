@@ -111,14 +111,33 @@ def check_report(report: dict, repeat: int) -> None:
         assert math.isclose(figures["ratio_to_warm"], figures["median"] / report["warm_call"]["median"])
         assert figures["output"] == "identical"
     assert isinstance(report["alternatives"]["buffered_file"]["o_direct"], bool)
+    # The process-per-call designs, timed in turn with zerogpu's calls; ranges beside medians.
+    assert {"fork_to_device", "loaded_pool"} <= set(report["alternatives"])
+    for figures in [cold, report["warm_call"], *report["alternatives"].values()]:
+        assert figures["min"] == min(figures["seconds"]) and figures["max"] == max(figures["seconds"])
+    assert len(cold["pinning"]["seconds"]) == repeat and cold["pinning"]["median"] >= 0
+    assert set(report["load_average"]) == {"before", "after"}
+    assert all(len(report["load_average"][when]) == 3 for when in ("before", "after"))
+
+
+def check_verdicts(stdout: str, report: dict) -> None:
+    """One verdict line per alternative, after the table."""
+    lines = [line for line in stdout.splitlines() if line.startswith("zerogpu cold call: ")]
+    assert len(lines) == len(report["alternatives"])
+    for line, figures in zip(lines, report["alternatives"].values()):
+        assert line.endswith(f" than {figures['label']}")
+        assert (" faster than " in line) == (figures["median"] >= report["cold_call"]["median"])
 
 
 def test_bench_prints_the_table_and_writes_every_figure(env):
     target = env.tmp / "bench.json"
     result = invoke(["bench", "--size", "16MB", "--repeat", "2", "--json", str(target)])
     assert result.exit_code == 0, result.output
-    check_report(json.loads(target.read_text()), repeat=2)
+    report = json.loads(target.read_text())
+    check_report(report, repeat=2)
+    check_verdicts(result.stdout, report)
     table = result.stdout
+    assert "load average" in table and "range" in table
     assert "emulated backend" in table
     for label in ("zerogpu pack", "zerogpu cold call", "zerogpu warm call", *bench.ALTERNATIVES.values()):
         assert label in table

@@ -35,13 +35,13 @@ from __future__ import annotations
 from .arguments import DEFAULT_REPEAT, DEFAULT_SIZE
 
 __all__ = ["ALTERNATIVES", "DEFAULT_REPEAT", "DEFAULT_SIZE", "Plan", "build_model", "interrupt_once", "parse_repeat",
-           "parse_size", "passed", "plan", "render", "run"]
+           "parse_size", "passed", "plan", "render", "run", "verdicts", "warnings"]
 
 # What needs torch is imported at first use, so that the command line answers at once.
 _LAZY = {"ALTERNATIVES": ".alternatives", "Plan": ".arguments", "parse_repeat": ".arguments",
          "parse_size": ".arguments", "plan": ".arguments", "build_model": ".model", "interrupt_once": ".suite",
          "run": ".suite", "machine": ".report", "package_version": ".report", "passed": ".report",
-         "render": ".report"}
+         "render": ".report", "verdicts": ".report", "warnings": ".report"}
 
 
 def __getattr__(name: str):

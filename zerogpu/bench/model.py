@@ -75,4 +75,4 @@ def worst(verdicts: list[str]) -> str:
 
 
 def median_of(samples: list[float]) -> dict[str, Any]:
-    return {"seconds": samples, "median": statistics.median(samples)}
+    return {"seconds": samples, "median": statistics.median(samples), "min": min(samples), "max": max(samples)}

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import gc
+import os
 import shutil
 import signal
 import tempfile
@@ -21,6 +23,7 @@ from .arguments import Plan
 from .buffered_loader import BufferedFileLoader
 from .model import BATCH, SEED, build_model, skeleton
 from .pipeline import measure_strategies, measure_zerogpu
+from .rivals import RIVALS, ForkPerCall, LoadedPool
 from .report import machine, package_version, passed, render
 
 @contextmanager
@@ -54,11 +57,21 @@ def run(plan: Plan, say: Callable[[str], None]) -> dict[str, Any]:
         save_file(model.state_dict(), weights_file)
         loader = BufferedFileLoader(workdir / "model.bin", model.state_dict(), plan.backend)
 
-        reference, measured = measure_zerogpu(plan, model, x, workdir / "quota.sqlite", say)
+        load_before = os.getloadavg()
+        say("alternatives: starting a fork-per-call server and a process pool with the model loaded")
+        with contextlib.ExitStack() as started:
+            rivals = {}
+            for name, kind in (("fork_to_device", ForkPerCall), ("loaded_pool", LoadedPool)):
+                rival = kind(weights_file, plan.layers, plan.width, plan.backend)
+                started.callback(rival.close)
+                rivals[name] = rival
+            reference, measured, rounds = measure_zerogpu(plan, model, x, workdir / "quota.sqlite", say,
+                                                          rivals=rivals, labels=RIVALS)
         del model
         gc.collect()  # the snapshot's memory goes with the last tensor that viewed it
         strategies = measure_strategies(plan, weights_file, shape, x, reference, say)
-        alternatives = measure_alternatives(plan, weights_file, loader, shape, x, reference, say)
+        alternatives = {**rounds, **measure_alternatives(plan, weights_file, loader, shape, x, reference, say)}
+        load_after = os.getloadavg()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -75,6 +88,7 @@ def run(plan: Plan, say: Callable[[str], None]) -> dict[str, Any]:
         "model": {"bytes": plan.nbytes, "layers": plan.layers, "width": plan.width, "dtype": "float32",
                   "tensors": 2 * plan.layers, "batch": BATCH},
         "repeat": plan.repeat,
+        "load_average": {"before": list(load_before), "after": list(load_after)},
         **measured,
         "restore_strategies": strategies,
         "alternatives": alternatives,
