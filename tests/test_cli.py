@@ -54,7 +54,11 @@ def zerogpu_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "zerogpu.cli"]
 
 
-def run_command(args: list[str], env: SimpleNamespace, timeout: float = 240) -> subprocess.CompletedProcess:
+# Only a hang guard: how long a command takes is for the machine's load to say, not the test.
+HANG_GUARD = 1200
+
+
+def run_command(args: list[str], env: SimpleNamespace, timeout: float = HANG_GUARD) -> subprocess.CompletedProcess:
     return subprocess.run(args, env=env.environ, capture_output=True, text=True, timeout=timeout, cwd=env.tmp)
 
 
@@ -228,7 +232,7 @@ def test_ctrl_c_leaves_nothing_behind(env, moment):
         workers = [child.pid for child in psutil.Process(bench_process.pid).children(recursive=True)]
         bench_process.send_signal(signal.SIGINT)
         rest = bench_process.stderr.read()
-        assert bench_process.wait(timeout=60) == 130
+        assert bench_process.wait(timeout=HANG_GUARD) == 130
     finally:
         bench_process.kill()
         bench_process.wait()
@@ -428,7 +432,7 @@ def test_serve_runs_the_daemon_until_ctrl_c(env):
         assert state["policy"]["max_duration"]["pro"] == 50
         assert state["policy"]["large_per_gpu"] == 4
         daemon.send_signal(signal.SIGINT)
-        assert daemon.wait(timeout=30) == 0
+        assert daemon.wait(timeout=HANG_GUARD) == 0
     finally:
         daemon.kill()
         daemon.wait()
@@ -506,6 +510,6 @@ finally:
 def test_help_status_and_argument_errors_answer_without_importing_torch(env, args):
     environ = {**env.environ, "ZEROGPU_SCHEDULER": str(env.tmp / "no-daemon.sock")}
     done = subprocess.run([sys.executable, "-c", WITHOUT_TORCH, *args], env=environ, capture_output=True,
-                          text=True, timeout=120, cwd=env.tmp)
+                          text=True, timeout=HANG_GUARD, cwd=env.tmp)
     assert done.stderr.splitlines()[-1] == "torch imported: False", done.stderr
     assert done.stdout or done.stderr.splitlines()[:-1]  # it answered something
