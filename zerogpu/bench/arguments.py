@@ -25,6 +25,7 @@ DEFAULT_REPEAT = 3
 # the copy one call restores or loads, which is host memory on the emulated
 # backend and device memory on a GPU. Plus the read buffers.
 HOST_COPIES = 2
+DEVICE_COPIES = 4
 
 
 def parse_size(text: str) -> int:
@@ -103,8 +104,11 @@ def plan(size: str, repeat: str | int, json_path: str | os.PathLike | None = Non
 
     backend = runtime.choose_backend()
     device = devices.discover(backend)[0]
-    if backend == "cuda" and device.total_memory and nbytes >= device.total_memory:
+    # On the device at once: the warm worker's copy, a cold call's (each on half the GPU), the
+    # process pool's and a fork-per-call child's.
+    if backend == "cuda" and device.total_memory and DEVICE_COPIES * nbytes >= device.total_memory:
         raise InvalidArgument(
-            f"--size {size} does not fit on {device.name} ({describe_size(device.total_memory)}): ask for a smaller size"
+            f"--size {size} needs {DEVICE_COPIES} copies on {device.name} ({describe_size(device.total_memory)}) "
+            "at once: ask for a smaller size"
         )
     return Plan(layers, width, repeat, backend, device.name, workdir, target)
