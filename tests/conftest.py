@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import time
 
 import psutil
@@ -11,12 +12,15 @@ import pytest
 SHM_DIR = "/dev/shm"
 
 
-def zerogpu_segments() -> set[str]:
-    """Segments made by this process or by a process that is gone (its workers).
+# Every segment this test run makes (its processes, their workers, the CLI's subprocesses)
+# starts its random part with this tag: segments of other zerogpu processes of the machine
+# (a developer's apps, another checkout's tests) are none of the leak check's business.
+RUN_TAG = secrets.token_hex(4)
+os.environ["ZEROGPU_SEGMENT_TAG"] = RUN_TAG
 
-    Segments of other live processes belong to other programs (another test
-    run on the same machine) and are none of this test's business.
-    """
+
+def zerogpu_segments() -> set[str]:
+    """Segments made by this test run."""
     mine = set()
     try:
         names = os.listdir(SHM_DIR)
@@ -26,8 +30,7 @@ def zerogpu_segments() -> set[str]:
         parts = name.split("-")
         if len(parts) < 3 or parts[0] != "zerogpu" or not parts[1].isdigit():
             continue
-        owner = int(parts[1])
-        if owner == os.getpid() or not psutil.pid_exists(owner):
+        if parts[2].removeprefix("msg").startswith(RUN_TAG):
             mine.add(name)
     return mine
 
@@ -105,6 +108,7 @@ def gpu(tmp_path, monkeypatch):
     """zerogpu enabled in this process on two emulated GPUs; no lease may outlive the test."""
     import zerogpu
     from zerogpu import runtime
+    from zerogpu.call.teardown import teardown
     from zerogpu.schedule.choice import scheduler
 
     emulated_environment(monkeypatch, tmp_path)
@@ -113,6 +117,7 @@ def gpu(tmp_path, monkeypatch):
     zerogpu.enable()
     try:
         yield zerogpu
+        teardown.wait()  # workers that ended their calls, still on their way out
         leases = scheduler().status()["leases"]
         assert not leases, f"leases outlived the test: {leases}"
     finally:

@@ -79,6 +79,8 @@ def bench(
     except ZeroGPUError as error:
         fail("bench", error)
     Console().print(measure.render(report))
+    for line in [*measure.warnings(report), *measure.verdicts(report)]:
+        typer.echo(line)
     if plan.json_path is not None:
         plan.json_path.write_text(json.dumps(report, indent=2) + "\n")
         typer.echo(f"figures written to {plan.json_path}", err=True)

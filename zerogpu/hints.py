@@ -18,7 +18,6 @@ import sys
 import threading
 from types import TracebackType
 
-from . import runtime
 from .errors import ZeroGPUError
 
 # What torch says when CUDA is used with no CUDA to use: a CPU build, or a CUDA build without a driver.
@@ -67,7 +66,8 @@ def failed_import(error: ZeroGPUError) -> None:
 
 def explain(error: BaseException) -> None:
     """Add the CUDA hint to `error`, or to the exception it was raised from, if one of them calls for it."""
-    if runtime.is_enabled():
+    runtime = sys.modules.get("zerogpu.runtime")  # not imported: zerogpu was never enabled
+    if runtime is not None and runtime.is_enabled():
         return  # 'cuda' is emulated: this error does not come from zerogpu being off
     seen: set[int] = set()
     current: BaseException | None = error

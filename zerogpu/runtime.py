@@ -8,6 +8,8 @@ runs `startup()` if nobody did.
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import threading
 from typing import Callable
 
@@ -39,6 +41,10 @@ wrappers: dict[Callable, Callable] = {}
 # What the parts above the runtime (warm workers) undo at disable(), first to last.
 # They import the runtime, so it cannot import them.
 _cleanups: list[Callable[[], None]] = []
+# Signals that end a process without running its exit clean-up (docker stop, systemctl stop,
+# a closed terminal), and the handlers they had before enable().
+TERMINATING = (signal.SIGTERM, signal.SIGHUP)
+_previous_handlers: dict[int, object] = {}
 
 
 def is_enabled() -> bool:
@@ -64,6 +70,7 @@ def enable() -> None:
         memory = {"total_memory": first.total_memory} if first.total_memory > 0 else {}
         emulation.patch(emulation.DeviceInfo(name=first.name, count=1, **memory))
         segments.sweep()  # what crashed apps left in /dev/shm
+        handle_termination()
         _backend = backend
         _enabled = True
 
@@ -89,10 +96,51 @@ def disable() -> None:
         wrappers.clear()
         reset_scheduler()
         emulation.unpatch()
+        restore_termination()
         _enabled = False
         _backend = None
         _started = False
         _looked = -1
+
+
+def handle_termination() -> None:
+    """Free this process's segments when SIGTERM or SIGHUP would end it, as an ordinary exit does.
+
+    Only a signal left at its default is taken over; after the clean-up the
+    process still ends by that signal. A handler the app installed runs as
+    before (an exit from it runs the clean-up anyway), and an ignored signal
+    stays ignored. Handlers can be set from the main thread only: enabled on
+    another, zerogpu leaves them alone.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum in TERMINATING:
+        current = signal.getsignal(signum)
+        if current is _terminated or current in (signal.SIG_IGN, None):
+            continue
+        _previous_handlers[signum] = current
+        signal.signal(signum, _terminated)
+
+
+def restore_termination() -> None:
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum, previous in list(_previous_handlers.items()):
+        if signal.getsignal(signum) is _terminated:
+            signal.signal(signum, previous)
+        del _previous_handlers[signum]
+
+
+def _terminated(signum: int, frame) -> None:
+    previous = _previous_handlers.get(signum, signal.SIG_DFL)
+    if callable(previous):
+        previous(signum, frame)  # the app's own: it decides how to end
+        return
+    # Unlinking names only: nothing here waits for a lock the interrupted code may hold.
+    # The workers go with this process (their parent-death signal).
+    segments.remove_segments_of(os.getpid())
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
 
 
 def at_disable(cleanup: Callable[[], None]) -> None:

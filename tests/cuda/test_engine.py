@@ -27,6 +27,7 @@ MiB = 1 << 20
 NOTHING_LIVE = {
     "allocations": 0,
     "host_allocations": 0,
+    "locked_bytes": 0,
     "registrations": 0,
     "streams": 0,
     "events": 0,

@@ -32,84 +32,23 @@ throughput is in GB/s of 10**9 bytes per second.
 
 from __future__ import annotations
 
-import datetime
-import gc
-import shutil
-import signal
-import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors.torch import save_file
-
-from ..units import describe_size
-from .alternatives import ALTERNATIVES, measure_alternatives
-from .arguments import DEFAULT_REPEAT, DEFAULT_SIZE, Plan, parse_repeat, parse_size, plan
-from .buffered_loader import BufferedFileLoader
-from .model import BATCH, SEED, build_model, skeleton
-from .pipeline import measure_strategies, measure_zerogpu
-from .report import machine, package_version, passed, render
+from .arguments import DEFAULT_REPEAT, DEFAULT_SIZE
 
 __all__ = ["ALTERNATIVES", "DEFAULT_REPEAT", "DEFAULT_SIZE", "Plan", "build_model", "interrupt_once", "parse_repeat",
-           "parse_size", "passed", "plan", "render", "run"]
+           "parse_size", "passed", "plan", "render", "run", "verdicts", "warnings"]
+
+# What needs torch is imported at first use, so that the command line answers at once.
+_LAZY = {"ALTERNATIVES": ".alternatives", "Plan": ".arguments", "parse_repeat": ".arguments",
+         "parse_size": ".arguments", "plan": ".arguments", "build_model": ".model", "interrupt_once": ".suite",
+         "run": ".suite", "machine": ".report", "package_version": ".report", "passed": ".report",
+         "render": ".report", "verdicts": ".report", "warnings": ".report"}
 
 
-@contextmanager
-def interrupt_once() -> Iterator[None]:
-    """Ctrl-C raises KeyboardInterrupt once; later ones are ignored so that the cleanup can finish."""
-    def interrupt(signum: int, frame: object) -> None:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        raise KeyboardInterrupt
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'zerogpu.bench' has no attribute {name!r}")
+    import importlib
 
-    previous = signal.signal(signal.SIGINT, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-def run(plan: Plan, say: Callable[[str], None]) -> dict[str, Any]:
-    """Measure everything `plan` says; returns the report (see `render` and the JSON file).
-
-    Leaves nothing behind on any path, Ctrl-C included: no worker, no
-    shared-memory segment, no file.
-    """
-    workdir = Path(tempfile.mkdtemp(prefix="zerogpu-bench-", dir=plan.workdir))
-    try:
-        say(f"building a {describe_size(plan.nbytes)} model: {plan.layers} layers of {plan.width} x {plan.width} float32")
-        model = build_model(plan.layers, plan.width)
-        shape = skeleton(plan.layers, plan.width)
-        x = torch.randn(BATCH, plan.width, generator=torch.Generator().manual_seed(SEED + 1))
-        say(f"writing the weights to {workdir} for the file-based loaders")
-        weights_file = workdir / "model.safetensors"
-        save_file(model.state_dict(), weights_file)
-        loader = BufferedFileLoader(workdir / "model.bin", model.state_dict(), plan.backend)
-
-        reference, measured = measure_zerogpu(plan, model, x, workdir / "quota.sqlite", say)
-        del model
-        gc.collect()  # the snapshot's memory goes with the last tensor that viewed it
-        strategies = measure_strategies(plan, weights_file, shape, x, reference, say)
-        alternatives = measure_alternatives(plan, weights_file, loader, shape, x, reference, say)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-
-    cold, warm = measured["cold_call"]["median"], measured["warm_call"]["median"]
-    for result in alternatives.values():
-        result["ratio_to_cold"] = result["median"] / cold
-        result["ratio_to_warm"] = result["median"] / warm
-    return {
-        "zerogpu": package_version("zerogpu"),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "backend": plan.backend,
-        "device": plan.device_name,
-        "machine": machine(),
-        "model": {"bytes": plan.nbytes, "layers": plan.layers, "width": plan.width, "dtype": "float32",
-                  "tensors": 2 * plan.layers, "batch": BATCH},
-        "repeat": plan.repeat,
-        **measured,
-        "restore_strategies": strategies,
-        "alternatives": alternatives,
-    }
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value
+    return value

@@ -14,13 +14,17 @@ from safetensors.torch import load_file
 from .arguments import Plan
 from .buffered_loader import BUFFER_BYTES, BUFFER_COUNT, BufferedFileLoader
 from .model import Stack, compare, median_of, run_with, worst
+from .rivals import RIVALS
 
-ALTERNATIVES = {
+# The process-based ones (zerogpu.bench.rivals) are timed in turn with zerogpu's calls;
+# the in-process ones open a CUDA context in the bench's process, so they come after.
+IN_PROCESS = {
     "in_process": "in-process, model in place",
     "to_device": "model.to(device) per call",
     "load_file": "load_file per call",
     "buffered_file": "spaces' double buffer",
 }
+ALTERNATIVES = {**RIVALS, **IN_PROCESS}
 
 
 def measure_alternatives(plan: Plan, weights_file: Path, loader: BufferedFileLoader, shape: Stack,
@@ -41,11 +45,11 @@ def measure_alternatives(plan: Plan, weights_file: Path, loader: BufferedFileLoa
         return {name: tensor.clone() for name, tensor in load_file(weights_file).items()}
 
     per_call = {"to_device": to_device, "load_file": from_file, "buffered_file": lambda: loader.load(device)}
-    seconds: dict[str, list[float]] = {name: [] for name in ALTERNATIVES}
-    outputs: dict[str, list[torch.Tensor]] = {name: [] for name in ALTERNATIVES}
+    seconds: dict[str, list[float]] = {name: [] for name in IN_PROCESS}
+    outputs: dict[str, list[torch.Tensor]] = {name: [] for name in IN_PROCESS}
     for i in range(plan.repeat):
         for name, load in per_call.items():
-            say(f"alternatives: {ALTERNATIVES[name]} {i + 1}/{plan.repeat}")
+            say(f"alternatives: {IN_PROCESS[name]} {i + 1}/{plan.repeat}")
             started = time.perf_counter()
             weights = load()
             output = run_with(shape, weights, x)
@@ -55,13 +59,13 @@ def measure_alternatives(plan: Plan, weights_file: Path, loader: BufferedFileLoa
     # Last, so that no per-call copy shares the device with it.
     resident = ordinary if device.type == "cpu" else {name: t.to(device) for name, t in ordinary.items()}
     for i in range(plan.repeat):
-        say(f"alternatives: {ALTERNATIVES['in_process']} {i + 1}/{plan.repeat}")
+        say(f"alternatives: {IN_PROCESS['in_process']} {i + 1}/{plan.repeat}")
         started = time.perf_counter()
         output = run_with(shape, resident, x)
         seconds["in_process"].append(time.perf_counter() - started)
         outputs["in_process"].append(output)
     results = {}
-    for name, label in ALTERNATIVES.items():
+    for name, label in IN_PROCESS.items():
         results[name] = median_of(seconds[name])
         results[name]["label"] = label
         results[name]["output"] = worst([compare(output, reference) for output in outputs[name]])

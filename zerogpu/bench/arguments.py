@@ -14,8 +14,7 @@ from .. import units
 from ..errors import InvalidArgument
 from ..snapshot import segments
 from ..units import describe_size
-from .buffered_loader import BUFFER_BYTES, BUFFER_COUNT, PAGE
-from .model import layer_bytes, model_shape
+from .sizes import BUFFER_BYTES, BUFFER_COUNT, PAGE, layer_bytes, model_shape
 
 MiB = 2**20
 MIN_SIZE = MiB
@@ -26,6 +25,7 @@ DEFAULT_REPEAT = 3
 # the copy one call restores or loads, which is host memory on the emulated
 # backend and device memory on a GPU. Plus the read buffers.
 HOST_COPIES = 2
+DEVICE_COPIES = 4
 
 
 def parse_size(text: str) -> int:
@@ -64,10 +64,10 @@ def parse_repeat(text: str | int) -> int:
 
 
 def plan(size: str, repeat: str | int, json_path: str | os.PathLike | None = None) -> Plan:
-    """Check the arguments and this machine's room for them; InvalidArgument says what is wrong."""
-    from ..cuda import devices
-    from .. import runtime
+    """Check the arguments and this machine's room for them; InvalidArgument says what is wrong.
 
+    Everything but the device's own size is checked before torch is imported.
+    """
     nbytes = parse_size(size)
     repeat = parse_repeat(repeat)
     target = Path(json_path) if json_path is not None else None
@@ -78,8 +78,6 @@ def plan(size: str, repeat: str | int, json_path: str | os.PathLike | None = Non
             raise InvalidArgument(f"--json {json_path}: cannot write a file there; name a file in a writable folder")
     layers, width = model_shape(nbytes)
     nbytes = layers * layer_bytes(width)
-    backend = runtime.choose_backend()
-    device = devices.discover(backend)[0]
 
     host = HOST_COPIES * nbytes + BUFFER_COUNT * BUFFER_BYTES
     available = psutil.virtual_memory().available
@@ -101,8 +99,16 @@ def plan(size: str, repeat: str | int, json_path: str | os.PathLike | None = Non
             f"--size {size} needs {describe_size(2 * nbytes)} in {workdir} for the model's files but {describe_size(disk_free)} "
             "is free: ask for a smaller size or point TMPDIR elsewhere"
         )
-    if backend == "cuda" and device.total_memory and nbytes >= device.total_memory:
+    from ..cuda import devices
+    from .. import runtime
+
+    backend = runtime.choose_backend()
+    device = devices.discover(backend)[0]
+    # On the device at once: the warm worker's copy, a cold call's (each on half the GPU), the
+    # process pool's and a fork-per-call child's.
+    if backend == "cuda" and device.total_memory and DEVICE_COPIES * nbytes >= device.total_memory:
         raise InvalidArgument(
-            f"--size {size} does not fit on {device.name} ({describe_size(device.total_memory)}): ask for a smaller size"
+            f"--size {size} needs {DEVICE_COPIES} copies on {device.name} ({describe_size(device.total_memory)}) "
+            "at once: ask for a smaller size"
         )
     return Plan(layers, width, repeat, backend, device.name, workdir, target)

@@ -13,12 +13,8 @@ from pathlib import Path
 import torch
 
 from ..units import round_up
+from .sizes import BUFFER_BYTES, BUFFER_COUNT, PAGE
 
-MiB = 2**20
-PAGE = os.sysconf("SC_PAGE_SIZE")
-# The `spaces` loader reads through two pinned buffers of 128 MiB.
-BUFFER_BYTES = 128 * MiB
-BUFFER_COUNT = 2
 
 
 @dataclass(frozen=True)

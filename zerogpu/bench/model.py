@@ -8,23 +8,12 @@ from typing import Any
 
 import torch
 
-WIDTH = 2048  # layer width: 16 MiB of weights per layer, as in a mid-sized transformer
+from .sizes import WIDTH, layer_bytes, model_shape  # noqa: F401 - the model's shape, planned without torch
+
 BATCH = 8  # rows of the input each call runs
 SEED = 0
 # Outputs this close count as the same: kernels may sum in another order on another device.
 RTOL, ATOL = 1e-4, 1e-6
-
-
-def layer_bytes(width: int) -> int:
-    return (width * width + width) * 4
-
-
-def model_shape(size: int) -> tuple[int, int]:
-    """Layers and width of the model nearest `size` bytes; narrower layers for small sizes."""
-    width = WIDTH
-    while width > 64 and layer_bytes(width) > size:
-        width //= 2
-    return max(1, round(size / layer_bytes(width))), width
 
 
 class Stack(torch.nn.Module):
@@ -86,4 +75,4 @@ def worst(verdicts: list[str]) -> str:
 
 
 def median_of(samples: list[float]) -> dict[str, Any]:
-    return {"seconds": samples, "median": statistics.median(samples)}
+    return {"seconds": samples, "median": statistics.median(samples), "min": min(samples), "max": max(samples)}

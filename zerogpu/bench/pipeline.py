@@ -78,14 +78,19 @@ def summarize_calls(calls: list[dict[str, Any]], reference: torch.Tensor, output
         summary["restore_gbps"] = nbytes / summary["phases"]["restore"]["median"] / 1e9
         summary["restore_strategy"] = calls[0]["restore_stats"][0]["strategy"]
         summary["restore_stats"] = [call["restore_stats"] for call in calls]
+        # What each worker paid to pin host memory: the staging ring (setup) or registering chunks.
+        summary["pinning"] = median_of([sum(stats["setup_seconds"] + stats["register_seconds"]
+                                            for stats in call["restore_stats"]) for call in calls])
     summary["warm"] = [call["warm"] for call in calls]
     summary["output"] = worst([compare(output, reference) for output in outputs])
     return summary
 
 
-def measure_zerogpu(plan: Plan, model: Stack, x: torch.Tensor, ledger: Path,
-                    say: Callable[[str], None]) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Pack, cold calls and warm calls through the runtime; leaves zerogpu disabled again."""
+def measure_zerogpu(plan: Plan, model: Stack, x: torch.Tensor, ledger: Path, say: Callable[[str], None],
+                    rivals: dict[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
+                    labels: dict[str, str] | None = None) -> tuple[torch.Tensor, dict[str, Any], dict[str, Any]]:
+    """Pack, then cold calls, warm calls and each of `rivals` in turn; leaves zerogpu disabled again."""
+    rivals, labels = rivals or {}, labels or {}
     import zerogpu
 
     from ..cuda import devices
@@ -107,8 +112,14 @@ def measure_zerogpu(plan: Plan, model: Stack, x: torch.Tensor, ledger: Path,
         model.to("cuda")
         held["model"] = model
 
-        @zerogpu.GPU(duration=CALL_DURATION, size="xlarge")
+        # Half a GPU each: the warm worker keeps its half while the cold calls take the other.
+        @zerogpu.GPU(duration=CALL_DURATION, size="large")
         def forward(x: torch.Tensor) -> torch.Tensor:
+            with torch.inference_mode():
+                return held["model"](x.to("cuda")).cpu()
+
+        @zerogpu.GPU(duration=CALL_DURATION, size="large")
+        def forward_warm(x: torch.Tensor) -> torch.Tensor:
             with torch.inference_mode():
                 return held["model"](x.to("cuda")).cpu()
 
@@ -119,33 +130,49 @@ def measure_zerogpu(plan: Plan, model: Stack, x: torch.Tensor, ledger: Path,
         pack["bytes"] = packed
         pack["gbps"] = packed / pack["median"] / 1e9
 
-        cold, cold_outputs = [], []
+        cold, cold_outputs, warm, warm_outputs = [], [], [], []
+        rounds: dict[str, list[float]] = {name: [] for name in rivals}
+        rival_outputs: dict[str, list[torch.Tensor]] = {name: [] for name in rivals}
         # Cold calls need workers that exit after their call, whatever the environment says.
         with environment("ZEROGPU_IDLE_TIMEOUT", "0"):
             say("zerogpu: a first call through the decorated function (not timed)")
             reference = forward(x)
-            for i in range(plan.repeat):
+        with environment("ZEROGPU_IDLE_TIMEOUT", str(WARM_IDLE)):
+            say("zerogpu: a call that leaves its worker warm (not timed)")
+            forward_warm(x)
+        for name, rival in rivals.items():
+            say(f"alternatives: {labels[name]} (first call, not timed)")
+            rival(x)
+        # Every row in turn, round after round: the machine's load falls on all of them alike.
+        for i in range(plan.repeat):
+            with environment("ZEROGPU_IDLE_TIMEOUT", "0"):
                 say(f"zerogpu: cold call {i + 1}/{plan.repeat}")
                 output, figures = timed_call(forward, x)
                 cold.append(figures)
                 cold_outputs.append(output)
-        warm, warm_outputs = [], []
-        with environment("ZEROGPU_IDLE_TIMEOUT", str(WARM_IDLE)):
-            say("zerogpu: a call that leaves its worker warm (not timed)")
-            forward(x)
-            for i in range(plan.repeat):
+            with environment("ZEROGPU_IDLE_TIMEOUT", str(WARM_IDLE)):
                 say(f"zerogpu: warm call {i + 1}/{plan.repeat}")
-                output, figures = timed_call(forward, x)
+                output, figures = timed_call(forward_warm, x)
                 warm.append(figures)
                 warm_outputs.append(output)
+            for name, rival in rivals.items():
+                say(f"alternatives: {labels[name]} {i + 1}/{plan.repeat}")
+                started = time.perf_counter()
+                rival_outputs[name].append(rival(x))
+                rounds[name].append(time.perf_counter() - started)
     finally:
         runtime.disable()
         held.clear()
+    measured_rivals = {}
+    for name, seconds in rounds.items():
+        measured_rivals[name] = median_of(seconds)
+        measured_rivals[name]["label"] = labels[name]
+        measured_rivals[name]["output"] = worst([compare(output, reference) for output in rival_outputs[name]])
     return reference, {
         "pack": pack,
         "cold_call": summarize_calls(cold, reference, cold_outputs, packed),
         "warm_call": summarize_calls(warm, reference, warm_outputs, packed),
-    }
+    }, measured_rivals
 
 
 def measure_strategies(plan: Plan, weights_file: Path, shape: Stack, x: torch.Tensor, reference: torch.Tensor,

@@ -31,13 +31,12 @@ from ..identity import current as current_identity
 from ..schedule.policy import SIZES
 from ..schedule.choice import scheduler
 from ..schedule.leases import LeaseRequest
+from .teardown import teardown
 from .warm import pool
 
 DEFAULT_DURATION = 60.0
 # How long a worker asked to stop a generator may take before it is killed.
 CLOSE_GRACE = 2.0
-# How long a worker that finished its call may take to exit before it is killed.
-EXIT_GRACE = 10.0
 # A call given no lease within this many seconds is said to wait for a GPU (to a watch, see events.py).
 QUEUE_NOTICE_AFTER = 0.5
 
@@ -389,19 +388,11 @@ class Call:
         used = ending - self.granted
         if self.clean and self.idle_timeout > 0 and self.worker is not None and self.worker.alive:
             pool.park(self.worker, self.lease, used=used, charge=self.charge, idle_timeout=self.idle_timeout)
+        elif self.worker is not None:
+            # The caller has what it came for: the worker's exit, its reaping and then the
+            # lease's release (charged for the time until now) happen on the teardown thread.
+            teardown.submit(self.worker, clean=self.clean,
+                            then=partial(scheduler().release, self.lease, used=used, charge=self.charge))
         else:
-            if self.worker is not None:
-                self.finish_worker()
             scheduler().release(self.lease, used=used, charge=self.charge)
         self.phases["release"] = time.monotonic() - ending
-
-    def finish_worker(self) -> None:
-        """Let a worker that ended its call cleanly exit by itself; kill anything else."""
-        if self.clean:
-            try:
-                self.worker.send(("exit",))  # a worker forked to stay warm waits for this
-            except (EOFError, OSError):
-                pass  # a cold worker is already on its way out
-            self.worker.join(EXIT_GRACE)
-        else:
-            self.worker.kill()

@@ -25,9 +25,12 @@ from typing import Any, Callable, Iterator, NoReturn
 from ..cuda import attach, restore
 from ..errors import SerializationError
 from ..snapshot import packing
-from . import events, transport
+from . import events, transport, worker
 
 PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+# Rounds of killing what is left below a worker (each killed process's orphans come back to it).
+DESCENDANT_ROUNDS = 64
 libc = ctypes.CDLL(None, use_errno=True)  # prctl(2) has no binding in Python
 EXIT_FAILED_STAGE = 3
 EXIT_PARENT_GONE = 4
@@ -61,6 +64,7 @@ def main(sock: socket.socket, lifeline_fd: int, parent: int, plan: "Plan") -> No
         traceback.print_exc()
         code = 1
     finally:
+        end_descendants()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
@@ -81,6 +85,9 @@ class Plan:
 def harden(lifeline_fd: int, parent: int) -> None:
     """Make sure this worker can never outlive its parent, `parent` the pid it had before the fork."""
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    # What the call starts and detaches (double fork, setsid) is reparented here, not
+    # to init, so that end_descendants (or the caller's kill_tree) still finds it.
+    libc.prctl(PR_SET_CHILD_SUBREAPER, 1)
     if os.getppid() != parent:  # the parent died before prctl took effect
         os._exit(EXIT_PARENT_GONE)
     # Belt and braces: the parent alone holds the lifeline's write end, so EOF
@@ -91,6 +98,24 @@ def harden(lifeline_fd: int, parent: int) -> None:
     # Descriptor 2 itself: sys.stderr may have none (Jupyter, click's test runner), and then
     # enable() would raise and the worker would die before its first call.
     faulthandler.enable(file=2)
+
+
+def end_descendants() -> None:
+    """Kill and reap every process below this worker: nothing a call started outlives it."""
+    for _ in range(DESCENDANT_ROUNDS):
+        pids = worker.descendants()
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        for pid in pids:
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass  # not ours to reap: its own parent, killed too, was
 
 
 def _watch_lifeline(fd: int) -> None:
@@ -189,6 +214,7 @@ def serve(channel: transport.Channel, plan: Plan) -> None:
         else:
             with Emitter(channel) as emit, events.entered(relay, state, emit):
                 run(channel, plan.functions[key], args, kwargs)
+            end_descendants()  # a warm worker's next call starts with nothing left of this one
         if not plan.stay_warm:
             return
 
@@ -238,11 +264,28 @@ def run(channel: transport.Channel, fn: Callable, args: tuple, kwargs: dict) -> 
     except SystemExit as exc:
         channel.send(("exit", exit_code(exc)), to_device=False)
         raise
+    except MemoryError as exc:
+        send_memory_error(channel, exc)
     except Exception as exc:  # noqa: BLE001 - the caller gets it back
         channel.send(("raise", transport.capture_exception(exc)), to_device=False)
     # `finished` is when the function returned, so the parent can time the return alone.
     finished = finished or time.monotonic()
     channel.send(("done", {"run_s": finished - started, "finished": finished}), to_device=False)
+
+
+def send_memory_error(channel: transport.Channel, exc: MemoryError) -> None:
+    """Send back a MemoryError from a worker whose memory (or address space) is exhausted.
+
+    The traceback's frames still hold what filled it: their locals go first,
+    so that pickling the error finds room. If even that fails, a bare
+    MemoryError goes back without its traceback.
+    """
+    traceback.clear_frames(exc.__traceback__)
+    try:
+        channel.send(("raise", transport.capture_exception(exc)), to_device=False)
+    except MemoryError:
+        exc.__traceback__ = None
+        channel.send(("raise", transport.capture_exception(MemoryError(*exc.args))), to_device=False)
 
 
 def exit_code(exc: SystemExit) -> int:

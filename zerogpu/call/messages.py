@@ -89,12 +89,18 @@ def loads(data: bytes | bytearray | memoryview | mmap.mmap) -> Any:
     table, offset = _read_table(view)
     storages, offset = _open_storages(table, view, offset)
     body = view[offset:]
+    unpickler = _Unpickler(io.BytesIO(body), storages)
     try:
-        return _Unpickler(io.BytesIO(body), storages).load()
+        return unpickler.load()
     except SerializationError:
         raise
     except Exception as exc:
         raise SerializationError(f"could not rebuild a message: {describe_exception(exc)}") from exc
+    finally:
+        # The memo holds the bound find_class result, which holds the unpickler: a cycle
+        # that would keep every mapped segment of the message until the collector runs.
+        unpickler.memo.clear()
+        unpickler.storages = []
 
 
 def discard(data: bytes | bytearray | memoryview | mmap.mmap) -> None:

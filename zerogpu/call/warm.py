@@ -11,7 +11,10 @@ compute with weights the app no longer has.
 from __future__ import annotations
 
 import atexit
+import heapq
+import itertools
 import threading
+import time
 from dataclasses import dataclass, field
 
 from .. import runtime
@@ -23,7 +26,7 @@ from .worker import Worker
 class Idle:
     worker: Worker
     lease: object
-    timer: threading.Timer
+    deadline: float  # time.monotonic() at which its idle time ends
     evict: object  # the callback the scheduler holds for this lease
     # Set once the worker is dead, for an eviction that finds it already going.
     gone: threading.Event = field(default_factory=threading.Event)
@@ -31,26 +34,45 @@ class Idle:
 
 
 class WarmPool:
+    """Idle workers by lease, and one thread that ends each when its idle time is up.
+
+    Parking and taking are O(1): a taken worker's deadline stays in the heap
+    until it comes up (or the heap is compacted) and is then skipped.
+    """
+
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
         self._idle: dict[int, Idle] = {}
+        self._deadlines: list[tuple[float, int, Idle]] = []  # a heap
+        self._order = itertools.count()  # ties in the heap never compare two Idle
+        self._timer: threading.Thread | None = None
 
     def park(self, worker: Worker, lease, *, used: float, charge: bool, idle_timeout: float) -> None:
         """End the call on `lease` but keep `worker` alive on it for `idle_timeout` seconds."""
-        timer = threading.Timer(idle_timeout, self._expire, args=(lease.id,))
-        timer.daemon = True
 
         def evict() -> None:
             self._evict(lease.id)
 
+        idle = Idle(worker, lease, time.monotonic() + idle_timeout, evict)
         with self._lock:
-            self._idle[lease.id] = Idle(worker, lease, timer, evict)
+            self._idle[lease.id] = idle
         try:
             scheduler().release(lease, used=used, charge=charge, park=evict)
         except BaseException:
             self._evict(lease.id)  # not parked after all: the worker goes
             raise
-        timer.start()
+        with self._lock:
+            if self._idle.get(lease.id) is not idle:
+                return  # evicted already
+            heapq.heappush(self._deadlines, (idle.deadline, next(self._order), idle))
+            if len(self._deadlines) > 64 and len(self._deadlines) > 4 * len(self._idle):
+                self._compact()
+            if self._timer is None or not self._timer.is_alive():
+                self._timer = threading.Thread(target=self._serve, name="zerogpu-warm-timer", daemon=True)
+                self._timer.start()
+            elif self._deadlines[0][2] is idle:
+                self._wake.notify()  # the timer sleeps until a later deadline
 
     def take(self, lease) -> Worker | None:
         """The idle worker parked on `lease`, if it is alive and current; None otherwise."""
@@ -59,11 +81,37 @@ class WarmPool:
             if idle is None or idle.going:
                 return None
             del self._idle[lease.id]
-        idle.timer.cancel()
         if idle.worker.generation != runtime.generation or idle.worker.exited():
             idle.worker.kill()
             return None
         return idle.worker
+
+    def _compact(self) -> None:
+        # Under the lock: drop the deadlines of workers no longer idle.
+        self._deadlines = [entry for entry in self._deadlines if self._idle.get(entry[2].lease.id) is entry[2]]
+        heapq.heapify(self._deadlines)
+
+    def _serve(self) -> None:
+        with self._lock:
+            while True:
+                while self._deadlines and self._idle.get(self._deadlines[0][2].lease.id) is not self._deadlines[0][2]:
+                    heapq.heappop(self._deadlines)  # taken or evicted since it was parked
+                if not self._deadlines:
+                    self._wake.wait()
+                    continue
+                deadline, _, idle = self._deadlines[0]
+                now = time.monotonic()
+                if deadline > now:
+                    self._wake.wait(deadline - now)
+                    continue
+                heapq.heappop(self._deadlines)
+                self._lock.release()
+                try:
+                    self._expire(idle.lease.id)
+                except Exception:  # noqa: BLE001 - the timer must outlive one failed drop
+                    pass
+                finally:
+                    self._lock.acquire()
 
     def _evict(self, lease_id: int) -> None:
         # Called by the scheduler, which takes the capacity back once this returns:
@@ -92,7 +140,6 @@ class WarmPool:
         scheduler().drop(idle.lease, park=idle.evict)
 
     def _end(self, idle: Idle) -> None:
-        idle.timer.cancel()
         idle.worker.kill()
         with self._lock:
             self._idle.pop(idle.lease.id, None)

@@ -27,6 +27,10 @@ from ..cuda._ext import _engine
 
 # How long a SIGKILLed worker may take to go before a background thread reaps it.
 KILL_WAIT = 30.0
+# Payloads up to this many bytes fit an empty socket buffer: sent at once, they never block.
+SEND_AT_ONCE = 64 << 10
+# How long a worker whose channel closed may take to end by itself before it is killed.
+CHANNEL_GRACE = 0.5
 
 SIGNAL_HINTS = {
     signal.SIGKILL: "perhaps out of memory",
@@ -57,10 +61,12 @@ def describe_exit(status: int) -> str:
 class Exited:
     """What `Worker.receive` returns once the worker has died: its wait status.
 
-    None when it did not go within KILL_WAIT seconds of SIGKILL.
+    None when it did not go within KILL_WAIT seconds of SIGKILL. `channel_closed`
+    when the worker closed its channel while it still ran, and was killed for it.
     """
 
     status: int | None
+    channel_closed: bool = False
 
     @property
     def exitcode(self) -> int | None:
@@ -71,6 +77,8 @@ class Exited:
         return os.WTERMSIG(self.status) if self.status is not None and os.WIFSIGNALED(self.status) else None
 
     def describe(self) -> str:
+        if self.channel_closed:
+            return "closed its channel to the caller (so the caller killed it)"
         if self.status is None:
             return f"did not end within {KILL_WAIT:g} s of SIGKILL (stuck in the kernel?)"
         return describe_exit(self.status)
@@ -190,16 +198,45 @@ class Worker:
     _reaping: threading.Lock = field(default_factory=threading.Lock, repr=False)
     # Watches the socket and the pidfd for `receive`: made once, not per message.
     _selector: selectors.BaseSelector | None = field(default=None, repr=False)
+    # Held while a frame is being sent, so frames never interleave (see send_bytes).
+    _sending: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def alive(self) -> bool:
         return self.status is None and not self.abandoned
 
     def send(self, obj: Any) -> None:
-        self.channel.send(obj, to_device=True)
+        with self._sending:
+            self.channel.send(obj, to_device=True)
 
     def send_bytes(self, payload: bytes) -> None:
-        self.channel.send_bytes(payload)
+        """Send a pickled message; one larger than a socket's buffer goes from a thread of its own.
+
+        The worker reads its arguments only once it has attached and restored:
+        a blocking send of a large payload would keep the caller from its
+        deadline (a stalled restore would hang it for good). The caller waits
+        in `receive` instead, bounded by the deadline; killing the worker ends
+        the send.
+        """
+        if len(payload) <= SEND_AT_ONCE:
+            with self._sending:
+                self.channel.send_bytes(payload)
+            return
+        self._sending.acquire()
+        try:
+            threading.Thread(target=self._send_in_background, args=(payload,), name="zerogpu-send",
+                             daemon=True).start()
+        except BaseException:
+            self._sending.release()
+            raise
+
+    def _send_in_background(self, payload: bytes) -> None:
+        try:
+            self.channel.send_bytes(payload)
+        except (EOFError, OSError):
+            pass  # the worker died or was killed: `receive` reports it
+        finally:
+            self._sending.release()
 
     def receive(self, deadline: float | None) -> Any:
         """The worker's next message; `Exited` if it died; TimeoutError past the deadline.
@@ -221,7 +258,7 @@ class Worker:
                 try:
                     return self.channel.recv(timeout=0)
                 except (EOFError, ConnectionError):
-                    return self.kill()
+                    return self._channel_ended(deadline)
                 except TimeoutError:
                     pass  # a partial frame: wait for the rest
             if "exit" in sources:
@@ -229,6 +266,17 @@ class Worker:
                     return self.channel.recv(timeout=0)
                 except (EOFError, ConnectionError, TimeoutError):
                     return self.kill()
+
+    def _channel_ended(self, deadline: float | None) -> Exited:
+        # EOF comes first from a worker on its way out: give it a moment to end by
+        # itself, so its own exit status is reported; one that still runs then
+        # closed its channel itself, and is killed.
+        grace = CHANNEL_GRACE if deadline is None else max(0.0, min(CHANNEL_GRACE, deadline - time.monotonic()))
+        if self.status is not None or self.abandoned or self._wait_exit(grace):
+            return self.kill()
+        exited = self.kill()
+        exited.channel_closed = True
+        return exited
 
     def exited(self) -> bool:
         """Whether the worker has died (reaping it if so), without waiting."""
@@ -251,7 +299,7 @@ class Worker:
         if self._reaping.acquire(blocking=False):  # held: it is being reaped already
             try:
                 if self.status is None:
-                    kill_group(self.pid)
+                    kill_tree(self.pid)
             finally:
                 self._reaping.release()
 
@@ -267,7 +315,7 @@ class Worker:
             return Exited(None)
         with self._reaping:
             if self.status is None:
-                kill_group(self.pid)
+                kill_tree(self.pid)
                 if not self._wait_exit(KILL_WAIT):
                     self.abandoned = True
                     threading.Thread(target=self._reap_later, name="zerogpu-reaper", daemon=True).start()
@@ -305,6 +353,43 @@ def kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL every descendant of worker `pid`, then its process group.
+
+    A worker is a subreaper (see child.harden): what its code started and
+    detached (a double fork and setsid()) is still its descendant while it
+    lives, although no longer in its group. Descendants go first: killed
+    after the worker, they would be handed to init.
+    """
+    for descendant in descendants(pid):
+        try:
+            os.kill(descendant, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    kill_group(pid)
+
+
+def descendants(pid: int | str = "self") -> list[int]:
+    """The pids below process `pid`, read from /proc (children of every thread, recursively)."""
+    found: list[int] = []
+    pending = [pid]
+    while pending:
+        parent = pending.pop()
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                with open(f"/proc/{parent}/task/{task}/children") as children:
+                    pids = [int(child) for child in children.read().split()]
+            except OSError:
+                continue
+            found.extend(pids)
+            pending.extend(pids)
+    return found
 
 
 def fork() -> int:

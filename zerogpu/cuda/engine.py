@@ -68,7 +68,8 @@ DEFAULT_TUNING: dict[tuple[str, str], Tuning] = {
     ("emulated", "staging"): Tuning(chunk_bytes=8 * MiB, streams=1, threads=1),
     ("cuda", "pageable"): Tuning(chunk_bytes=64 * MiB, streams=1, threads=1),
     ("cuda", "register"): Tuning(chunk_bytes=256 * MiB, streams=2, threads=2),
-    ("cuda", "staging"): Tuning(chunk_bytes=16 * MiB, streams=2, threads=8),
+    # A ring of threads x 2 chunks, pinned by each worker: 64 MiB, not the 256 MiB of 8 threads x 16 MiB.
+    ("cuda", "staging"): Tuning(chunk_bytes=8 * MiB, streams=2, threads=4),
 }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ..errors import CudaError, RestoreError
 from ..units import describe_size
+from .registry import collector_paused
 
 
 def restore(models: list, engine, backend: str, lease, late: list = ()) -> list[dict]:
@@ -24,7 +25,8 @@ def restore(models: list, engine, backend: str, lease, late: list = ()) -> list[
     try:
         for model in models:
             _, views, stats = restore_snapshot(model.snapshot, device, engine=engine)
-            model.rebind(views, keep_mark=backend == "emulated")
+            with collector_paused():  # a few objects per tensor, in one pass
+                model.rebind(views, keep_mark=backend == "emulated")
             figures.append(vars(stats))
         if backend == "cuda":
             move_late(late)

@@ -18,6 +18,7 @@ were taken over by the new daemon and are released as usual.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import select
@@ -117,6 +118,9 @@ class Link:
         if message.get("op") == "evict":
             self.client.evict(self, message.get("lease"))
             return
+        if message.get("op") == "expired":
+            self.client.expired(message.get("lease"))
+            return
         with self.lock:
             waiting = self.pending.pop(message.get("id"), None)
         if waiting is not None:
@@ -177,6 +181,7 @@ class DaemonClient(Scheduler):
         self._links_of: dict[int, Link] = {}   # lease id -> the connection it was granted on
         self._parks: dict[int, Callable[[], None]] = {}
         self._unsent: list[dict] = []
+        self._reclaimed: set[int] = set()  # leases the daemon took back past their duration
         self._closed = False
         self._pid = os.getpid()
         clients.add(self)
@@ -223,6 +228,9 @@ class DaemonClient(Scheduler):
                 park: Callable[[], None] | None = None) -> None:
         check_seconds(used, "used")
         with self._lock:
+            if lease.id in self._reclaimed:
+                self._reclaimed.discard(lease.id)
+                return  # the daemon has it back already, charged
             if lease.id not in self._links_of:
                 raise SchedulerError(f"lease {lease.id} is not held by this process: was it released twice?")
             if park is None:
@@ -296,6 +304,19 @@ class DaemonClient(Scheduler):
         if park is not None:
             run_park(park, None)
 
+    def expired(self, lease_id: object) -> None:
+        """The daemon took back a lease that ran past its duration and grace: it is no longer ours."""
+        if not isinstance(lease_id, int):
+            return
+        with self._lock:
+            if self._links_of.pop(lease_id, None) is None:
+                return
+            park = self._parks.pop(lease_id, None)
+            self._reclaimed.add(lease_id)
+        log.warning("the node daemon took back lease %s, which ran past its duration", lease_id)
+        if park is not None:
+            threading.Thread(target=run_park, args=(park, None), name="zerogpu-evict", daemon=True).start()
+
     def evict(self, link: Link, lease_id: object) -> None:
         """The daemon wants an idle worker's lease back: kill the worker, then say so."""
         with self._lock:
@@ -327,10 +348,8 @@ class DaemonClient(Scheduler):
 
     def _connect(self, held: list[int]) -> Link:
         """Connect and say hello, naming the leases this process still holds."""
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock = self._dial()
         try:
-            sock.settimeout(self.connect_timeout)
-            sock.connect(self.socket_path)
             _, uid = peer(sock)
             if uid != os.getuid():
                 raise SchedulerError(
@@ -352,6 +371,36 @@ class DaemonClient(Scheduler):
         reply = self._answer(waiting, REPLY_TIMEOUT)
         link.devices = [Device(**wire) for wire in reply["devices"]]
         return link
+
+    def _dial(self) -> socket.socket:
+        """A socket connected to the daemon, retried while its listen backlog is full.
+
+        A unix socket with a timeout connects without blocking, so a daemon
+        that is accepting a burst of connections answers EAGAIN at once: that
+        means busy, not gone, until `connect_timeout` has passed.
+        """
+        deadline = time.monotonic() + self.connect_timeout
+        pause = 0.01
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.settimeout(max(0.01, deadline - time.monotonic()))
+                sock.connect(self.socket_path)
+                return sock
+            except OSError as error:
+                sock.close()
+                if error.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):
+                    raise self._unreachable(error) from error
+                if time.monotonic() >= deadline:
+                    raise SchedulerError(
+                        f"the node daemon at {self.socket_path} is busy: its queue of new connections stayed "
+                        f"full for {self.connect_timeout:g} s; try again, or raise connect_timeout"
+                    ) from error
+            except BaseException:
+                sock.close()
+                raise
+            time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+            pause = min(pause * 2, 0.2)
 
     def _unreachable(self, error: BaseException | None = None) -> SchedulerError:
         why = f": {error}" if error is not None else ""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import signal
 import socket
 import stat
@@ -47,6 +48,9 @@ EVICT_TIMEOUT = 5.0       # seconds a client has to kill an idle worker when ask
 TICK = 0.1                # how often queue timeouts are checked
 MAX_WAITING = 4096        # calls one client may have in the queue at once
 SWEEP_EVERY = 2.0         # how often dead processes' leases are looked for
+OUTBOX = 1024             # frames waiting to be written to one client before it is dropped
+DRAIN_TIMEOUT = 1.0       # seconds a closing connection's writer has to send its last replies
+RECLAIM_GRACE = 30.0      # seconds past its duration after which a running lease is taken back
 
 
 def orphan(process: Owner) -> tuple[str, Owner]:
@@ -61,7 +65,10 @@ class Connection:
         self.daemon = daemon
         self.sock = sock
         self.process = process
-        self._send_lock = threading.Lock()
+        # Written by a thread of its own: a client that stops reading delays nobody else,
+        # and one that falls OUTBOX frames behind is dropped.
+        self._outbox: queue.Queue[bytes | None] = queue.Queue(OUTBOX)
+        self._writer = threading.Thread(target=self._write, name=f"zerogpu-client-{process.pid}-writer", daemon=True)
         self._lock = threading.Lock()
         self._waiting: dict[int, Waiter] = {}
         self._evictions: dict[int, threading.Event] = {}
@@ -76,6 +83,7 @@ class Connection:
     def _run(self) -> None:
         reader = FrameReader(MAX_FRAME)
         self.sock.settimeout(self.daemon.heartbeat_timeout)
+        self._writer.start()
         try:
             while True:
                 try:
@@ -96,7 +104,7 @@ class Connection:
                     self.send({"id": None, "ok": False, "error": error_to_wire(error)})
                     return
         finally:
-            self.close()
+            self.close(drain=True)
             self.daemon.forget(self)
 
     def _handle(self, frame: bytes) -> None:
@@ -232,20 +240,33 @@ class Connection:
     # -- writing and closing ----------------------------------------------------------------
 
     def send(self, message: dict) -> bool:
-        """Send one frame; False (and the connection closed) if it could not be sent."""
+        """Queue one frame for the writer; False (and the connection closed) if it cannot go."""
         frame = encode(message)
-        with self._send_lock:
-            if self._closed:
-                return False
-            try:
-                self.sock.sendall(frame)
-                return True
-            except OSError:
-                pass
+        if self._closed:
+            return False
+        try:
+            self._outbox.put_nowait(frame)
+            return True
+        except queue.Full:
+            log.warning("%s stopped reading (%d replies waiting): dropping it", self, OUTBOX)
         self.close()
         return False
 
-    def close(self) -> None:
+    def _write(self) -> None:
+        while True:
+            frame = self._outbox.get()
+            if frame is None:
+                return
+            try:
+                # Bounded by the socket's timeout (the heartbeat timeout): a client that
+                # reads nothing for that long is as good as gone.
+                self.sock.sendall(frame)
+            except OSError:
+                self.close()
+                return
+
+    def close(self, *, drain: bool = False) -> None:
+        """Close the connection; `drain`: let the writer send what is queued first (a moment at most)."""
         with self._lock:
             if self._closed:
                 return
@@ -254,9 +275,19 @@ class Connection:
             self._evictions.clear()
         for done in evictions:
             done.set()
+        if drain and self._writer.is_alive() and self._writer is not threading.current_thread():
+            try:
+                self._outbox.put(None, timeout=DRAIN_TIMEOUT)
+                self._writer.join(DRAIN_TIMEOUT)
+            except queue.Full:
+                pass
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
+            pass
+        try:
+            self._outbox.put_nowait(None)  # the writer stops (a full outbox fails on the shut socket)
+        except queue.Full:
             pass
 
 
@@ -271,9 +302,11 @@ class Daemon:
         devices: list[Device] | None = None,
         ledger_path: str | os.PathLike | None = None,
         heartbeat_timeout: float = HEARTBEAT_TIMEOUT,
+        reclaim_grace: float = RECLAIM_GRACE,
     ) -> None:
         self.socket_path = os.path.abspath(os.fspath(socket_path))
         self.heartbeat_timeout = heartbeat_timeout
+        self.reclaim_grace = reclaim_grace
         ledger = QuotaLedger(ledger_path, policy, holder=f"daemon:{self.socket_path}")
         try:
             self.scheduler = EmbeddedScheduler(devices if devices is not None else discover(), ledger=ledger)
@@ -340,6 +373,26 @@ class Daemon:
             "daemon": {"pid": os.getpid(), "socket": self.socket_path, "clients": clients, "started": self.started},
         }
 
+    def reclaim(self) -> int:
+        """Take back the running leases past their duration + reclaim_grace; return how many.
+
+        Clients enforce durations themselves; this is for one that does not (or
+        cannot), so that the scheduler's picture of when capacity comes back
+        holds. The client is told to kill the lease's worker; the lease is
+        charged its full duration.
+        """
+        late = self.scheduler.overdue(self.reclaim_grace)
+        for held in late:
+            log.warning("lease %s of %s ran %g s past its duration: taking it back", held.lease.id, held.owner,
+                        self.reclaim_grace)
+            if isinstance(held.owner, Connection):
+                held.owner.send({"op": "expired", "lease": held.lease.id})
+            try:
+                self.scheduler.release(held.lease, used=held.lease.request.duration, charge=True)
+            except SchedulerError:
+                pass  # released meanwhile
+        return len(late)
+
     def _accept(self) -> None:
         while not self._stopping.is_set():
             try:
@@ -377,6 +430,7 @@ class Daemon:
         while not self._stopping.wait(TICK):
             try:
                 self.scheduler.expire()
+                self.reclaim()
                 if time.monotonic() - last_sweep >= SWEEP_EVERY:
                     last_sweep = time.monotonic()
                     for owner in self.scheduler.owners():

@@ -9,7 +9,9 @@ before acting on it.
 Client to daemon: {"op": verb, "id": request number, ...fields}; every
 request gets one reply {"id": ..., "ok": true, ...} or {"id": ..., "ok":
 false, "error": {"type": ..., "message": ...}}. Daemon to client, unasked:
-{"op": "evict", "lease": id}, answered with an "evicted" request.
+{"op": "evict", "lease": id}, answered with an "evicted" request, and
+{"op": "expired", "lease": id}: the daemon took back a lease that ran past
+its duration and grace, and the client's worker on it must go.
 """
 
 from __future__ import annotations

@@ -193,6 +193,13 @@ class EmbeddedScheduler(Scheduler):
             self.withdraw(waiter, self._no_gpu(waiter.request, waiter.deadline - waiter.arrival))
         return len(late)
 
+    def overdue(self, grace: float) -> list[Held]:
+        """The running leases held longer than their duration + `grace` seconds."""
+        now = self.clock()
+        with self._lock:
+            return [held for held in self._placement.held.values()
+                    if held.state == RUNNING and now - held.since > held.lease.request.duration + grace]
+
     def release(self, lease: Lease, *, used: float, charge: bool = True,
                 park: Callable[[], None] | None = None) -> None:
         check_seconds(used, "used")

@@ -14,7 +14,7 @@ import json
 import mmap
 import struct
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -83,9 +83,10 @@ def header(manifest: bytes, data_offset: int, nbytes: int) -> bytes:
 
 
 def entry_to_json(entry: Entry) -> dict[str, object]:
-    fields = asdict(entry)
-    fields["dtype"] = str(entry.dtype).removeprefix("torch.")
-    return fields
+    # Field by field: dataclasses.asdict deep-copies each one, a cost per tensor that adds up.
+    return {"name": entry.name, "dtype": str(entry.dtype).removeprefix("torch."), "shape": list(entry.shape),
+            "stride": list(entry.stride), "storage_offset": entry.storage_offset, "offset": entry.offset,
+            "nbytes": entry.nbytes}
 
 
 def read_manifest(name: str, segment: mmap.mmap) -> tuple[int, int, list[Entry]]:

@@ -15,6 +15,7 @@ from typing import Callable, Hashable
 import torch
 
 from ..cuda import emulation
+from ..cuda.registry import collector_paused
 from ..errors import SerializationError
 from .snapshot import Snapshot
 
@@ -69,14 +70,15 @@ def pack(tensors: list[torch.Tensor], progress: Callable[[int], None] | None = N
     """
     if not tensors:
         return None
-    named = {f"t{i}": tensor for i, tensor in enumerate(tensors)}
-    with emulation.suspended():
-        snapshot = Snapshot.pack({name: t.data for name, t in named.items()}, progress=progress)
-    model = PackedModel(snapshot)
-    for name, tensor in named.items():
-        model.bind(name, tensor)
-    model.rebind(snapshot.tensors(), keep_mark=True)
-    del named
+    with collector_paused():
+        named = {f"t{i}": tensor for i, tensor in enumerate(tensors)}
+        with emulation.suspended():
+            snapshot = Snapshot.pack({name: t.data for name, t in named.items()}, progress=progress)
+        model = PackedModel(snapshot)
+        for name, tensor in named.items():
+            model.bind(name, tensor)
+        model.rebind(snapshot.tensors(), keep_mark=True)
+        del named
     give_back_freed_memory()
     return model
 

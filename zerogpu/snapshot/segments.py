@@ -5,16 +5,32 @@ that made it (its owner) and <kind> empty for a snapshot or "msg" for a
 tensor on its way between a caller and its worker. The owner unlinks its
 segments; when a process dies first, whoever finds its segments removes them.
 
+A pid says little where /dev/shm is shared between pid namespaces (pods with a
+shared memory volume, `docker run --ipc=host`): another namespace's live owner
+looks dead from here. So the owner also holds a shared flock on each segment
+from its creation for as long as it has the segment open or mapped (the lock
+lives with the open file, which a mapping keeps), and the sweep removes only a
+segment whose lock it can take. A message segment is unlocked once written,
+on its way to a receiver that unlinks it: the sweep leaves one younger than
+MESSAGE_GRACE seconds.
+
+ZEROGPU_SEGMENT_TAG (up to 8 hex digits) starts the random part of every name
+this process and its children make, so that one run's segments can be told
+from another's (the test suite's leak check).
+
 Segments are made with `create`, filled through their descriptor with `write`
 and read with `map_segment`.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import mmap
 import os
 import re
 import secrets
+import time
 from collections.abc import Callable
 
 import posix_ipc
@@ -24,11 +40,22 @@ SHM_DIR = "/dev/shm"
 KINDS = ("", "msg")
 NAME = re.compile(r"/?(zerogpu-(\d+)-(msg|)([0-9a-f]+))")
 CHUNK = 64 << 20  # bytes written by one pwrite, and between two progress reports
+TAG_ENV = "ZEROGPU_SEGMENT_TAG"
+TAG = re.compile(r"[0-9a-f]{0,8}")
+# How long an unlocked message segment may wait for its receiver before a sweep removes it.
+MESSAGE_GRACE = 60.0
+
+
+def tag() -> str:
+    """The hex digits every new name starts with (ZEROGPU_SEGMENT_TAG); '' when unset or malformed."""
+    value = os.environ.get(TAG_ENV, "").lower()
+    return value if TAG.fullmatch(value) else ""
 
 
 def new_name(kind: str = "") -> str:
     """A fresh name owned by this process, as it appears in /dev/shm (no leading slash)."""
-    return f"zerogpu-{os.getpid()}-{kind}{secrets.token_hex(8)}"
+    prefix = tag()
+    return f"zerogpu-{os.getpid()}-{kind}{prefix}{secrets.token_hex(8)}"
 
 
 def parse(name: str) -> tuple[str, int, str] | None:
@@ -67,30 +94,52 @@ def remove_segments_of(pid: int, kind: str | None = None) -> None:
 
 
 def sweep() -> list[str]:
-    """Unlink the segments whose owner is dead; return their names.
+    """Unlink the segments whose owner is gone; return their names.
 
-    A pid from another pid namespace sharing this /dev/shm looks dead from
-    here: share /dev/shm only between processes that see each other.
+    Gone means: no process of that pid here, and nobody holds the segment's
+    lock (an owner in another pid namespace does), and, for a message, written
+    more than MESSAGE_GRACE seconds ago.
     """
     removed = []
-    for name, owner, _ in listed():
+    for name, owner, kind in listed():
         if psutil.pid_exists(owner):
             continue
-        try:
-            if unlink(name):
-                removed.append(name)
-        except posix_ipc.PermissionsError:
-            continue  # another user's
+        if abandoned(name, kind) and unlink(name):
+            removed.append(name)
     return removed
+
+
+def abandoned(name: str, kind: str) -> bool:
+    """Whether nobody holds segment `name`: its lock can be taken (and a message is old)."""
+    try:
+        fd = os.open(os.path.join(SHM_DIR, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False  # gone already, or another user's
+    try:
+        if kind == "msg" and time.time() - os.fstat(fd).st_mtime < MESSAGE_GRACE:
+            return False  # on its way to its receiver
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                return False  # its owner holds it
+            raise
+        return True
+    finally:
+        os.close(fd)  # and with it the lock taken here
 
 
 def create(name: str, size: int) -> posix_ipc.SharedMemory:
     """Make segment `name` of `size` bytes, open to this user only; it must not exist yet.
 
     Raises posix_ipc.Error or OSError when it cannot be made. Fill it with
-    `write` and close its descriptor (close_fd()) once done.
+    `write` and close its descriptor (close_fd()) once done. The segment is
+    locked (see the module's doc) until that descriptor and every mapping
+    made from it are closed.
     """
-    return posix_ipc.SharedMemory("/" + name.lstrip("/"), posix_ipc.O_CREX, mode=0o600, size=size)
+    shm = posix_ipc.SharedMemory("/" + name.lstrip("/"), posix_ipc.O_CREX, mode=0o600, size=size)
+    fcntl.flock(shm.fd, fcntl.LOCK_SH)  # never blocks: nobody else has it open yet
+    return shm
 
 
 class ShortSegment(ValueError):

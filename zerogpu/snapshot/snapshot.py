@@ -33,6 +33,7 @@ import posix_ipc
 import torch
 
 from . import safetensors_io, segments
+from ..cuda.registry import collector_paused
 from ..errors import InvalidArgument, SnapshotError
 from ..units import describe_size, round_up
 from .manifest import HEADER, PAGE, Entry, align_storage, encode, header, read_manifest
@@ -76,12 +77,12 @@ class Snapshot:
         pack only their elements. `progress(n)` is called as each `n` bytes
         are copied.
         """
-        items = checked_tensors(tensors)
-        entries, copies = layout_storages(items)
+        with collector_paused():  # a few objects per tensor, none in a cycle
+            items = checked_tensors(tensors)
+            entries, copies = layout_storages(items)
 
         def write(fd: int, data_offset: int) -> None:
-            for source, offset in copies:
-                segments.write(fd, source, data_offset + offset, progress)
+            write_copies(fd, copies, data_offset, progress)
 
         return cls._create(entries, write)
 
@@ -185,14 +186,19 @@ class Snapshot:
         start = buffer.storage_offset()
         storages: dict[tuple[int, int], torch.UntypedStorage] = {}
         views = {}
-        for entry in self.entries:
-            key = (entry.offset, entry.nbytes)
-            if key not in storages:
-                # A slice of an UntypedStorage is a storage that starts at that byte and keeps
-                # the whole one alive, so each rebuilt tensor has its own storage_offset back.
-                storages[key] = whole[start + entry.offset:start + entry.offset + entry.nbytes]
-            view = torch.empty(0, dtype=entry.dtype, device=buffer.device)
-            views[entry.name] = view.set_(storages[key], entry.storage_offset, entry.shape, entry.stride)
+        device = buffer.device
+        # One pass over the manifest, with no torch function mode on the way (a worker's
+        # emulation) and no collection set off by the objects it makes.
+        with torch._C.DisableTorchFunction(), collector_paused():
+            for entry in self.entries:
+                key = (entry.offset, entry.nbytes)
+                storage = storages.get(key)
+                if storage is None:
+                    # A slice of an UntypedStorage is a storage that starts at that byte and keeps
+                    # the whole one alive, so each rebuilt tensor has its own storage_offset back.
+                    storage = storages[key] = whole[start + entry.offset:start + entry.offset + entry.nbytes]
+                views[entry.name] = torch.empty(0, dtype=entry.dtype, device=device).set_(
+                    storage, entry.storage_offset, entry.shape, entry.stride)
         return views
 
     def save_safetensors(self, path: str | os.PathLike) -> None:
@@ -257,32 +263,45 @@ def checked_tensors(tensors: Mapping[str, torch.Tensor]) -> list[tuple[str, torc
     if not isinstance(tensors, Mapping):
         raise InvalidArgument(f"Snapshot.pack takes a mapping of names to tensors, not a {type(tensors).__name__}")
     items = []
-    for name, tensor in tensors.items():
-        if not isinstance(name, str):
-            raise InvalidArgument(f"tensor names must be strings; got {name!r} ({type(name).__name__})")
-        if not isinstance(tensor, torch.Tensor):
-            raise InvalidArgument(f"{name!r} is a {type(tensor).__name__}, not a torch.Tensor: pack tensors only")
-        if tensor.is_nested:
-            raise InvalidArgument(f"{name!r} is a nested tensor: pack its components (.unbind()) instead")
-        if tensor.layout != torch.strided:
-            raise InvalidArgument(f"{name!r} has layout {tensor.layout}; only dense tensors can be packed: "
-                                  f"convert it with .to_dense()")
-        if tensor.is_meta:
-            raise InvalidArgument(f"{name!r} is a meta tensor and has no data: load or initialize its values first")
-        if tensor.is_quantized:
-            raise InvalidArgument(f"{name!r} is quantized ({tensor.dtype}): pack .dequantize() or .int_repr() "
-                                  f"with its scales instead")
-        if tensor.is_conj() or tensor.is_neg():
-            raise InvalidArgument(f"{name!r} is a lazily conjugated or negated view: call .resolve_conj() and "
-                                  f".resolve_neg() first")
-        try:
-            device = tensor.untyped_storage().device
-        except (RuntimeError, NotImplementedError) as error:
-            raise InvalidArgument(f"{name!r} ({type(tensor).__name__}) has no storage to pack: {error}") from None
-        if device.type != "cpu":
-            raise InvalidArgument(f"{name!r} has its data on {device}; pass CPU tensors (move them with .cpu())")
-        items.append((name, tensor))
+    cpu, strided = torch.device("cpu"), torch.strided
+    with torch._C.DisableTorchFunction():
+        for name, tensor in tensors.items():
+            # One look at the common case (a dense CPU tensor), the full check only for the others.
+            if type(name) is str and isinstance(tensor, torch.Tensor) and tensor.device == cpu \
+                    and tensor.layout == strided and not (tensor.is_nested or tensor.is_quantized
+                                                          or tensor.is_conj() or tensor.is_neg()):
+                items.append((name, tensor))
+                continue
+            check_tensor(name, tensor)
+            items.append((name, tensor))
     return items
+
+
+def check_tensor(name: object, tensor: object) -> None:
+    """InvalidArgument saying why `tensor` cannot be packed, if it cannot."""
+    if not isinstance(name, str):
+        raise InvalidArgument(f"tensor names must be strings; got {name!r} ({type(name).__name__})")
+    if not isinstance(tensor, torch.Tensor):
+        raise InvalidArgument(f"{name!r} is a {type(tensor).__name__}, not a torch.Tensor: pack tensors only")
+    if tensor.is_nested:
+        raise InvalidArgument(f"{name!r} is a nested tensor: pack its components (.unbind()) instead")
+    if tensor.layout != torch.strided:
+        raise InvalidArgument(f"{name!r} has layout {tensor.layout}; only dense tensors can be packed: "
+                              f"convert it with .to_dense()")
+    if tensor.is_meta:
+        raise InvalidArgument(f"{name!r} is a meta tensor and has no data: load or initialize its values first")
+    if tensor.is_quantized:
+        raise InvalidArgument(f"{name!r} is quantized ({tensor.dtype}): pack .dequantize() or .int_repr() "
+                              f"with its scales instead")
+    if tensor.is_conj() or tensor.is_neg():
+        raise InvalidArgument(f"{name!r} is a lazily conjugated or negated view: call .resolve_conj() and "
+                              f".resolve_neg() first")
+    try:
+        device = tensor.untyped_storage().device
+    except (RuntimeError, NotImplementedError) as error:
+        raise InvalidArgument(f"{name!r} ({type(tensor).__name__}) has no storage to pack: {error}") from None
+    if device.type != "cpu":
+        raise InvalidArgument(f"{name!r} has its data on {device}; pass CPU tensors (move them with .cpu())")
 
 
 def layout_storages(items: list[tuple[str, torch.Tensor]]) -> tuple[list[Entry], list[tuple[memoryview, int]]]:
@@ -295,9 +314,14 @@ def layout_storages(items: list[tuple[str, torch.Tensor]]) -> tuple[list[Entry],
     alias after a restore as they did before.
     """
     first_use: dict[tuple[int, int], tuple[int, torch.UntypedStorage]] = {}
-    for index, (_, tensor) in enumerate(items):
-        storage = tensor.untyped_storage()
-        first_use.setdefault((storage.data_ptr(), storage.nbytes()), (index, storage))
+    keys = []
+    with torch._C.DisableTorchFunction():
+        for index, (_, tensor) in enumerate(items):
+            storage = tensor.untyped_storage()
+            key = (storage.data_ptr(), storage.nbytes())
+            keys.append(key)
+            if key not in first_use:
+                first_use[key] = (index, storage)
 
     # Merge storages that overlap into blocks (empty ones overlap nothing), then lay the
     # blocks out in the order their tensors came, so the region follows the caller's order.
@@ -327,20 +351,62 @@ def layout_storages(items: list[tuple[str, torch.Tensor]]) -> tuple[list[Entry],
             copies.append((storage_bytes(first_use[key][1]), places[key]))
         cursor = offset + length
 
-    entries = []
-    for name, tensor in items:
-        storage = tensor.untyped_storage()
-        key = (storage.data_ptr(), storage.nbytes())
-        entries.append(Entry(name, tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()),
-                             tensor.storage_offset(), places[key], key[1]))
+    with torch._C.DisableTorchFunction():
+        entries = [Entry(name, tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()),
+                         tensor.storage_offset(), places[key], key[1]) for (name, tensor), key in zip(items, keys)]
     return entries, copies
 
 
+# Storages smaller than this are written many to one pwritev(2) call, gaps zero-filled:
+# one system call per small tensor would make a model of many small tensors slow to pack.
+SMALL_COPY = 1 << 20
+IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024)
+ZEROS = memoryview(bytes(PAGE))
+
+
+def write_copies(fd: int, copies: list[tuple[memoryview, int]], data_offset: int,
+                 progress: Progress | None) -> None:
+    """Write each (source, offset) of `copies` at data_offset + offset of the segment."""
+    run: list[memoryview] = []
+    run_start = run_end = run_data = 0
+
+    def flush() -> None:
+        nonlocal run_data
+        if run:
+            size = run_end - run_start
+            done = os.pwritev(fd, run, data_offset + run_start)
+            if done < size:  # a short write: the rest one piece at a time
+                segments.write(fd, memoryview(b"".join(run))[done:], data_offset + run_start + done)
+            if progress is not None:
+                progress(run_data)
+            run.clear()
+            run_data = 0
+
+    for source, offset in sorted(copies, key=lambda copy: copy[1]):
+        gap = offset - run_end
+        if len(source) >= SMALL_COPY or not run or gap < 0 or gap > len(ZEROS) or len(run) + 2 > IOV_MAX:
+            flush()
+            if len(source) >= SMALL_COPY or gap < 0:
+                segments.write(fd, source, data_offset + offset, progress)
+                run_end = offset + len(source)
+                continue
+            run_start = run_end = offset
+            gap = 0
+        if gap:
+            run.append(ZEROS[:gap])
+        if len(source):
+            run.append(source)
+        run_data += len(source)
+        run_end = offset + len(source)
+    flush()
+
+
 def storage_bytes(storage: torch.UntypedStorage) -> memoryview:
-    """The bytes of a CPU storage, without copying them."""
-    if storage.nbytes() == 0:
+    """The bytes of a CPU storage, without copying them: valid while the storage lives (a pack's length)."""
+    nbytes = storage.nbytes()
+    if nbytes == 0:
         return memoryview(b"")
-    return memoryview(torch.empty(0, dtype=torch.uint8).set_(storage).numpy())
+    return memoryview((ctypes.c_char * nbytes).from_address(storage.data_ptr())).cast("B")
 
 
 

@@ -91,6 +91,7 @@ nb::dict to_dict(const emulated::Resources& r) {
   d["events"] = r.events;
   d["stream_threads"] = r.stream_threads;
   d["allocated_bytes"] = r.allocated_bytes;
+  d["locked_bytes"] = r.locked_bytes;
   return d;
 }
 

@@ -4,6 +4,7 @@
 
 #include <pthread.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <array>
@@ -95,6 +96,9 @@ struct State {
   std::unordered_map<uintptr_t, std::pair<int, size_t>> allocations;  // address: device, bytes
   std::unordered_set<uintptr_t> host_allocations;
   std::map<uintptr_t, size_t> registrations;  // ordered, to find overlapping ranges
+  // Ranges this driver page-locked (pinned allocations, registrations): address, bytes.
+  std::unordered_map<uintptr_t, size_t> locked;
+  size_t locked_bytes = 0;
   std::unordered_map<Stream*, std::shared_ptr<Stream>> streams;
   std::unordered_map<Event*, std::shared_ptr<Event>> events;
   int64_t stream_threads = 0;
@@ -138,6 +142,8 @@ void after_fork_in_child() {
   s.allocations.clear();
   s.host_allocations.clear();
   s.registrations.clear();
+  s.locked.clear();  // a child inherits no page locks
+  s.locked_bytes = 0;
   s.used.fill(0);
   s.primary_refs.fill(0);
   s.stream_threads = 0;
@@ -300,6 +306,7 @@ Resources resources() {
   r.streams = static_cast<int64_t>(s.streams.size());
   r.events = static_cast<int64_t>(s.events.size());
   r.stream_threads = s.stream_threads;
+  r.locked_bytes = static_cast<int64_t>(s.locked_bytes);
   for (size_t used : s.used) r.allocated_bytes += static_cast<int64_t>(used);
   return r;
 }
@@ -474,6 +481,64 @@ CUresult zgemu_cuMemFree_v2(CUdeviceptr dptr) {
   return CUDA_SUCCESS;
 }
 
+namespace emulated {
+
+size_t memlock_limit() {
+  rlimit limit{};
+  if (getrlimit(RLIMIT_MEMLOCK, &limit) != 0 || limit.rlim_cur == RLIM_INFINITY) return SIZE_MAX;
+  return static_cast<size_t>(limit.rlim_cur);
+}
+
+// Page-locks [p, p + bytes) as the driver pins host memory, so that pinning
+// costs here what it costs on a GPU machine (the kernel faults in and locks
+// every page). Within RLIMIT_MEMLOCK only: past it the pages are faulted in
+// (written if `fresh`, read otherwise) but not held, which costs the page walk.
+void lock_pages(void* p, size_t bytes, bool fresh) {
+  auto& s = state();
+  bool reserved = false;
+  {
+    std::lock_guard lock(s.mutex);
+    if (s.locked_bytes + bytes <= memlock_limit()) {
+      s.locked_bytes += bytes;
+      reserved = true;
+    }
+  }
+  if (reserved && mlock(p, bytes) == 0) {
+    std::lock_guard lock(s.mutex);
+    s.locked.emplace(reinterpret_cast<uintptr_t>(p), bytes);
+    return;
+  }
+  if (reserved) {
+    std::lock_guard lock(s.mutex);
+    s.locked_bytes -= bytes;
+  }
+  const auto page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  auto* bytes_at = static_cast<volatile char*>(p);
+  for (size_t i = 0; i < bytes; i += page) {
+    if (fresh) {
+      bytes_at[i] = 0;
+    } else {
+      (void)bytes_at[i];
+    }
+  }
+}
+
+void unlock_pages(void* p) {
+  auto& s = state();
+  size_t bytes = 0;
+  {
+    std::lock_guard lock(s.mutex);
+    auto it = s.locked.find(reinterpret_cast<uintptr_t>(p));
+    if (it == s.locked.end()) return;
+    bytes = it->second;
+    s.locked_bytes -= bytes;
+    s.locked.erase(it);
+  }
+  munlock(p, bytes);
+}
+
+}  // namespace emulated
+
 CUresult zgemu_cuMemHostAlloc(void** pp, size_t bytesize, unsigned int Flags) {
   (void)Flags;  // portable, mapped and write-combined mean nothing without a device
   if (pp == nullptr || bytesize == 0) return CUDA_ERROR_INVALID_VALUE;
@@ -486,6 +551,7 @@ CUresult zgemu_cuMemHostAlloc(void** pp, size_t bytesize, unsigned int Flags) {
   }
   void* memory = nullptr;
   if (posix_memalign(&memory, emulated::kAlignment, bytesize) != 0) return CUDA_ERROR_OUT_OF_MEMORY;
+  emulated::lock_pages(memory, bytesize, /*fresh=*/true);
   std::lock_guard lock(s.mutex);
   s.host_allocations.insert(reinterpret_cast<uintptr_t>(memory));
   ++s.allocated;
@@ -503,6 +569,7 @@ CUresult zgemu_cuMemFreeHost(void* p) {
       return CUDA_ERROR_INVALID_VALUE;
     }
   }
+  emulated::unlock_pages(p);
   std::free(p);
   return CUDA_SUCCESS;
 }
@@ -514,7 +581,7 @@ CUresult zgemu_cuMemHostRegister_v2(void* p, size_t bytesize, unsigned int Flags
   int device = 0;
   if (CUresult r = emulated::need_context(&device)) return r;
   auto& s = state();
-  std::lock_guard lock(s.mutex);
+  std::unique_lock lock(s.mutex);
   if (s.faults.fail_register >= 0 && s.registered >= s.faults.fail_register) {
     return CUDA_ERROR_OUT_OF_MEMORY;  // what the driver says when pages cannot be locked
   }
@@ -529,16 +596,21 @@ CUresult zgemu_cuMemHostRegister_v2(void* p, size_t bytesize, unsigned int Flags
   }
   s.registrations.emplace(start, bytesize);
   ++s.registered;
+  lock.unlock();  // locking the pages takes a while: other calls go on meanwhile
+  emulated::lock_pages(p, bytesize, /*fresh=*/false);
   return CUDA_SUCCESS;
 }
 
 CUresult zgemu_cuMemHostUnregister(void* p) {
   int device = 0;
   if (CUresult r = emulated::need_context(&device)) return r;
-  std::lock_guard lock(state().mutex);
-  if (state().registrations.erase(reinterpret_cast<uintptr_t>(p)) == 0) {
-    return CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED;
+  {
+    std::lock_guard lock(state().mutex);
+    if (state().registrations.erase(reinterpret_cast<uintptr_t>(p)) == 0) {
+      return CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED;
+    }
   }
+  emulated::unlock_pages(p);
   return CUDA_SUCCESS;
 }
 

@@ -44,6 +44,7 @@ struct Resources {
   int64_t events = 0;
   int64_t stream_threads = 0;
   int64_t allocated_bytes = 0;
+  int64_t locked_bytes = 0;  // page-locked by pinned allocations and registrations
 };
 
 // Replaces the faults and restarts their byte and call counts; copies stalled

@@ -21,6 +21,10 @@ using Clock = std::chrono::steady_clock;
 constexpr size_t kRegisteredAhead = 4;
 // Staging slots per worker: one filled by memcpy while the other drains.
 constexpr size_t kSlotsPerWorker = 2;
+// The most slots a staging ring has, whatever the threads asked: pinning costs
+// about a second per GB on a GPU machine, paid by every worker that makes a
+// ring, so a ring is a few chunks, not a share of the model.
+constexpr size_t kMaxRingSlots = 8;
 
 std::atomic<int64_t> workers_alive{0};
 
@@ -346,7 +350,8 @@ RestoreReport Engine::restore(const void* src, CUdeviceptr dst, size_t nbytes,
       break;
     case Strategy::staging: {
       // The ring has kSlotsPerWorker slots for each worker: the count is made once, here.
-      const int workers = workers_for(options, ceil_div(nbytes, options.chunk_bytes));
+      const int workers = static_cast<int>(std::min<size_t>(
+          workers_for(options, ceil_div(nbytes, options.chunk_bytes)), kMaxRingSlots / kSlotsPerWorker));
       report.setup_seconds += prepare_ring(static_cast<size_t>(workers) * kSlotsPerWorker * options.chunk_bytes);
       copy_staged(from, dst, nbytes, options, workers, failure);
       break;
