@@ -25,7 +25,8 @@ from zerogpu.schedule.client import DaemonClient
 from zerogpu.errors import Cancelled, InvalidArgument, NoGPUAvailable, QuotaExceeded, SchedulerError
 from zerogpu.identity import Identity
 from zerogpu.schedule.protocol import MAX_FRAME, VERSION, FrameReader, decode, encode
-from zerogpu.schedule.quota import QuotaLedger, this_process
+from zerogpu.schedule.quota import this_process
+from zerogpu.schedule.quota_sqlite import SQLiteLedger
 from zerogpu.schedule.leases import LeaseRequest
 from zerogpu.schedule.status import embedded_status, render_status, status
 
@@ -482,7 +483,7 @@ def test_leases_a_restarted_client_does_not_name_come_back(folder):
     daemon = Daemon(folder).start()
     try:
         # A lease the daemon granted to this process, whose answer was lost when it stopped.
-        ledger = QuotaLedger(daemon.ledger, holder=f"daemon:{daemon.socket}")
+        ledger = SQLiteLedger(daemon.ledger, holder=f"daemon:{daemon.socket}")
         ledger.admit(FREE, 50, "xlarge", this_process(), device=2)
         ledger.close()
         daemon.stop()
@@ -625,7 +626,7 @@ def test_status_without_a_daemon_reads_the_ledger(tmp_path, monkeypatch):
     monkeypatch.setenv("ZEROGPU_BACKEND", "emulated")
     monkeypatch.setenv("ZEROGPU_EMULATED_GPUS", "2")
     monkeypatch.delenv("ZEROGPU_SCHEDULER", raising=False)
-    ledger = QuotaLedger()
+    ledger = SQLiteLedger()
     lease_id, _ = ledger.admit(FREE, 30, "large", this_process(), device=1, slot=1)
     done, _ = ledger.admit(PRO, 30, "large", this_process())
     ledger.settle(done, 12)

@@ -1,4 +1,8 @@
-"""The quota ledger: admission, charges, days, concurrency, restarts, dead processes."""
+"""The quota ledger: admission, charges, days, concurrency, restarts, dead processes, expiry, outages.
+
+Every test that takes `place` (or `ledger`) runs on both engines: a SQLite
+file and a database on a real PostgreSQL server (see conftest.py).
+"""
 
 from __future__ import annotations
 
@@ -14,7 +18,9 @@ import pytest
 from zerogpu.errors import InvalidArgument, QuotaExceeded, SchedulerError
 from zerogpu.identity import ANONYMOUS, Identity
 from zerogpu.schedule.policy import Policy
+from zerogpu.schedule.ledger import open_ledger
 from zerogpu.schedule.quota import DAY, Owner, QuotaLedger, next_reset, spell_seconds, this_process
+from zerogpu.schedule.quota_sqlite import SQLiteLedger
 
 FREE = Identity("ada", "free")
 PRO = Identity("grace", "pro")
@@ -34,9 +40,18 @@ def clock():
     return Clock()
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def place(request, tmp_path):
+    """Where a ledger lives: a SQLite file, or an empty PostgreSQL database."""
+    if request.param == "sqlite":
+        return str(tmp_path / "quota.sqlite3")
+    return request.getfixturevalue("postgres_url")
+
+
 @pytest.fixture
-def ledger(tmp_path, clock):
-    opened = QuotaLedger(tmp_path / "quota.sqlite3", clock=clock)
+def ledger(place, clock):
+    opened = open_ledger(place, clock=clock)
+    assert isinstance(opened, QuotaLedger)
     yield opened
     opened.close()
 
@@ -152,13 +167,13 @@ def test_identities_of_different_tiers_are_apart(ledger):
     assert [(b.identity, b.used) for b in ledger.balances()] == [(Identity("ada", "pro"), 100)]
 
 
-def test_usage_survives_a_restart(tmp_path, clock):
-    path = tmp_path / "quota.sqlite3"
-    first = QuotaLedger(path, clock=clock)
+def test_usage_survives_a_restart(place, clock):
+    path = place
+    first = open_ledger(path, clock=clock)
     lease_id, _ = first.admit(FREE, 60, "large", this_process())
     first.settle(lease_id, 42)
     first.close()
-    second = QuotaLedger(path, clock=clock)
+    second = open_ledger(path, clock=clock)
     try:
         assert second.balance(FREE).used == 42
     finally:
@@ -167,7 +182,7 @@ def test_usage_survives_a_restart(tmp_path, clock):
 
 def test_the_file_is_readable_by_its_owner_only(tmp_path):
     path = tmp_path / "data" / "quota.sqlite3"
-    opened = QuotaLedger(path)
+    opened = SQLiteLedger(path)
     opened.close()
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert stat.S_IMODE(os.stat(path.parent).st_mode) == 0o700
@@ -196,8 +211,9 @@ ADMIT_SCRIPT = textwrap.dedent("""
     import sys
     from zerogpu.errors import QuotaExceeded
     from zerogpu.identity import Identity
-    from zerogpu.schedule.quota import QuotaLedger, this_process
-    ledger = QuotaLedger(sys.argv[1])
+    from zerogpu.schedule.ledger import open_ledger
+    from zerogpu.schedule.quota import this_process
+    ledger = open_ledger(sys.argv[1], node=sys.argv[3])
     admitted = 0
     for _ in range(int(sys.argv[2])):
         try:
@@ -206,20 +222,23 @@ ADMIT_SCRIPT = textwrap.dedent("""
             continue
         ledger.settle(lease_id, 10)
         admitted += 1
+    ledger.close()
     print(admitted)
 """)
 
 
-def test_concurrent_processes_never_overspend(tmp_path):
-    path = tmp_path / "quota.sqlite3"
-    QuotaLedger(path).close()
+def test_concurrent_processes_never_overspend(place):
+    path = place
+    open_ledger(path).close()
+    # Four processes, as if on two nodes.
     procs = [
-        subprocess.Popen([sys.executable, "-c", ADMIT_SCRIPT, str(path), "12"], stdout=subprocess.PIPE, text=True)
-        for _ in range(4)
+        subprocess.Popen([sys.executable, "-c", ADMIT_SCRIPT, str(path), "12", f"node-{n % 2}"],
+                         stdout=subprocess.PIPE, text=True)
+        for n in range(4)
     ]
-    counts = [int(proc.communicate(timeout=60)[0]) for proc in procs]
+    counts = [int(proc.communicate(timeout=120)[0]) for proc in procs]
     assert sum(counts) == 21
-    check = QuotaLedger(path)
+    check = open_ledger(path)
     try:
         assert check.balance(FREE).used == 210
     finally:
@@ -229,20 +248,21 @@ def test_concurrent_processes_never_overspend(tmp_path):
 HOLD_SCRIPT = textwrap.dedent("""
     import sys, time
     from zerogpu.identity import Identity
-    from zerogpu.schedule.quota import QuotaLedger, this_process
-    ledger = QuotaLedger(sys.argv[1])
+    from zerogpu.schedule.ledger import open_ledger
+    from zerogpu.schedule.quota import this_process
+    ledger = open_ledger(sys.argv[1])
     ledger.admit(Identity("ada", "free"), 200, "large", this_process())
     print("held", flush=True)
     time.sleep(60)
 """)
 
 
-def test_reservations_of_a_dead_process_are_swept_uncharged(tmp_path):
-    path = tmp_path / "quota.sqlite3"
+def test_reservations_of_a_dead_process_are_swept_uncharged(place):
+    path = place
     proc = subprocess.Popen([sys.executable, "-c", HOLD_SCRIPT, str(path)], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "held"
-        ledger = QuotaLedger(path)
+        ledger = open_ledger(path)
         try:
             assert ledger.balance(FREE).reserved == 200
             with pytest.raises(QuotaExceeded):
@@ -292,24 +312,29 @@ def test_an_unusable_ledger_path_is_a_clear_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     with pytest.raises(SchedulerError, match="cannot open the quota ledger .*ZEROGPU_DATA_DIR"):
-        QuotaLedger(blocker / "quota.sqlite3")
+        SQLiteLedger(blocker / "quota.sqlite3")
 
 
-def test_one_failing_write_in_a_group_leaves_the_others_in_place(ledger):
-    from zerogpu.schedule.quota import Work
+def test_one_failing_write_in_a_group_leaves_the_others_in_place(tmp_path):
+    from zerogpu.schedule.quota import DuplicateLease, Reservation
+    from zerogpu.schedule.quota_sqlite import Work
+
+    ledger = SQLiteLedger(tmp_path / "quota.sqlite3")
 
     def admit(lease_id):
-        return lambda db: ledger._insert(db, lease_id, FREE, "2026-11-23", "large", 10.0, 10.0, this_process(),
-                                         None, None, 0.0)
+        row = Reservation(lease_id, FREE, "2026-11-23", "large", 10.0, 10.0, None, None, "embedded", this_process(),
+                          0.0, ledger.node, 1e12, lease_id)
+        return lambda db: (ledger._insert(db, row), lease_id)[1]
 
     ledger.admit(FREE, 10, "large", this_process(), lease_id=7)
     batch = [Work(admit(1)), Work(admit(7)), Work(admit(2))]  # 7 is taken: that one fails
     ledger._write(batch)
     assert [work.done for work in batch] == [True, True, True]
     assert batch[0].outcome() == 1 and batch[2].outcome() == 2
-    with pytest.raises(SchedulerError, match="already admitted"):
+    with pytest.raises(DuplicateLease):
         batch[1].outcome()
     assert sorted(row.id for row in ledger.reservations()) == [1, 2, 7]
+    ledger.close()
 
 
 def test_threads_admitting_at_once_are_all_recorded(ledger):

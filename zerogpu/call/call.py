@@ -16,7 +16,7 @@ from functools import partial
 from typing import Any, Callable, Iterator
 
 from . import child, transport, worker
-from .. import runtime, settings
+from .. import runtime, settings, telemetry
 from ..errors import (
     AttachError,
     CallTimeout,
@@ -128,6 +128,7 @@ class Call:
         self.ended = False
         self._ending = threading.Lock()
         self.phases: dict[str, Any] = {}
+        self.failure: BaseException | None = None  # how the call failed, for the metrics
 
     @property
     def cancelled(self) -> bool:
@@ -155,8 +156,9 @@ class Call:
             if self.cancelled:
                 raise self.cancelled_error()
             self.hand_over()
-        except BaseException:
+        except BaseException as error:
             self.charge = False  # the user's code never ran
+            self.failure = error
             self.end()
             raise
 
@@ -206,6 +208,10 @@ class Call:
         """
         try:
             yield from self._read()
+        except BaseException as error:
+            if not (self.complete and isinstance(error, GeneratorExit)):  # closed once the result came
+                self.failure = error
+            raise
         finally:
             self.close()
 
@@ -343,6 +349,7 @@ class Call:
             self.ended = True
         transport.discard(self.payload)
         if self.lease is None:
+            telemetry.call_ended(self.failure, self.phases, self.warm)
             return
         ending = time.monotonic()
         used = ending - self.granted
@@ -353,6 +360,7 @@ class Call:
                 self.finish_worker()
             scheduler().release(self.lease, used=used, charge=self.charge)
         self.phases["release"] = time.monotonic() - ending
+        telemetry.call_ended(self.failure, self.phases, self.warm)
 
     def finish_worker(self) -> None:
         """Let a worker that ended its call cleanly exit by itself; kill anything else."""

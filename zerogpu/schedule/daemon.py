@@ -13,6 +13,12 @@ return uncharged and its waiting calls leave the queue.
 Quota reservations live in the ledger, so a daemon that stops (or crashes)
 loses no record: the next one takes over the leases of clients still alive
 and they release them as usual once they reconnect.
+
+A daemon is a node of its ledger's fleet (several, with a PostgreSQL
+ledger): it enters its name, GPUs and slices in the ledger and its ledger
+renews a heartbeat and its reservations' expiry every third of
+`node_timeout`. A node that stops renewing (killed, powered off) leaves the
+fleet view and its reservations expire: their quota comes back.
 """
 
 from __future__ import annotations
@@ -37,7 +43,8 @@ from .protocol import (
     MAX_FRAME, VERSION, FrameReader, decode, device_to_wire, encode, error_to_wire, parse_request, peer,
     request_id,
 )
-from .quota import Owner, QuotaLedger
+from .ledger import open_ledger
+from .quota import Owner
 from .scheduler import EmbeddedScheduler
 
 log = logging.getLogger("zerogpu.schedule.daemon")
@@ -47,6 +54,7 @@ EVICT_TIMEOUT = 5.0       # seconds a client has to kill an idle worker when ask
 TICK = 0.1                # how often queue timeouts are checked
 MAX_WAITING = 4096        # calls one client may have in the queue at once
 SWEEP_EVERY = 2.0         # how often dead processes' leases are looked for
+NODE_TIMEOUT = 15.0       # seconds without a heartbeat after which a node's reservations expire
 
 
 def orphan(process: Owner) -> tuple[str, Owner]:
@@ -265,10 +273,15 @@ class Daemon:
         devices: list[Device] | None = None,
         ledger_path: str | os.PathLike | None = None,
         heartbeat_timeout: float = HEARTBEAT_TIMEOUT,
+        node: str | None = None,
+        node_timeout: float = NODE_TIMEOUT,
     ) -> None:
+        """`ledger_path`: the SQLite file, or a postgresql:// URL (default: ZEROGPU_LEDGER, else the file
+        under ZEROGPU_DATA_DIR); `node`: this node's name in the fleet (default: the host name)."""
         self.socket_path = os.path.abspath(os.fspath(socket_path))
         self.heartbeat_timeout = heartbeat_timeout
-        ledger = QuotaLedger(ledger_path, policy, holder=f"daemon:{self.socket_path}")
+        ledger = open_ledger(ledger_path, policy, holder=f"daemon:{self.socket_path}", node=node,
+                             lease_timeout=node_timeout)
         try:
             self.scheduler = EmbeddedScheduler(devices if devices is not None else discover(), ledger=ledger)
         except BaseException:
@@ -284,7 +297,16 @@ class Daemon:
     def start(self) -> None:
         """Bind the socket (refused if a daemon serves it), take over the previous run's leases, serve."""
         self._listener = bind(self.socket_path)
-        adopted = self.scheduler.adopt(self.scheduler.ledger.reservations(self.scheduler.ledger.holder), orphan)
+        ledger = self.scheduler.ledger
+        try:
+            ledger.register([device_to_wire(d) for d in self.scheduler.devices], self.scheduler.policy.large_per_gpu,
+                            socket_path=self.socket_path)
+        except BaseException:
+            self._listener.close()
+            os.unlink(self.socket_path)
+            raise
+        mine = [row for row in ledger.reservations(ledger.holder) if row.node in (ledger.node, "")]
+        adopted = self.scheduler.adopt(mine, orphan)
         if adopted:
             log.info("took over %d leases of live clients from the previous daemon", adopted)
         for target, name in ((self._accept, "zerogpu-accept"), (self._tend, "zerogpu-tend")):
@@ -331,7 +353,8 @@ class Daemon:
             clients = sorted(c.process.pid for c in self._connections)
         return {
             **self.scheduler.status(),
-            "daemon": {"pid": os.getpid(), "socket": self.socket_path, "clients": clients, "started": self.started},
+            "daemon": {"pid": os.getpid(), "socket": self.socket_path, "clients": clients, "started": self.started,
+                       "node": self.scheduler.ledger.node, "ledger": self.scheduler.ledger.where},
         }
 
     def _accept(self) -> None:
@@ -421,6 +444,8 @@ def serve(
     policy: Policy | None = None,
     ledger_path: str | os.PathLike | None = None,
     heartbeat_timeout: float = HEARTBEAT_TIMEOUT,
+    node: str | None = None,
+    node_timeout: float = NODE_TIMEOUT,
     ready: Callable[[Daemon], None] | None = None,
 ) -> None:
     """Run the node daemon until SIGTERM or SIGINT (`zerogpu serve`).
@@ -431,7 +456,8 @@ def serve(
     path = socket_path or settings.scheduler_socket()
     if not path:
         raise InvalidArgument("name the daemon's socket: pass a path or set ZEROGPU_SCHEDULER")
-    daemon = Daemon(path, policy=policy, ledger_path=ledger_path, heartbeat_timeout=heartbeat_timeout)
+    daemon = Daemon(path, policy=policy, ledger_path=ledger_path, heartbeat_timeout=heartbeat_timeout, node=node,
+                    node_timeout=node_timeout)
     stop = threading.Event()
     handlers = {}
     if threading.current_thread() is threading.main_thread():
