@@ -356,3 +356,177 @@ def test_threads_admitting_at_once_are_all_recorded(ledger):
     assert len(set(admitted)) == 400
     assert sorted(row.id for row in ledger.reservations()) == sorted(admitted)
     assert ledger.balance(PRO).reserved == pytest.approx(400)
+
+
+# -- nodes, expiry and the engines' own failures ------------------------------------------
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_reservations_of_a_node_that_stops_renewing_expire_uncharged(place, clock):
+    dead = open_ledger(place, clock=clock, node="dead", lease_timeout=6)
+    alive = open_ledger(place, clock=clock, node="alive", lease_timeout=6)
+    try:
+        dead.register([{"index": 0, "name": "GPU 0"}], 2)
+        alive.register([{"index": 0, "name": "GPU 0"}], 2)
+        dead.admit(FREE, 200, "large", this_process())
+        assert [node.name for node in alive.nodes()] == ["alive", "dead"]
+        with pytest.raises(QuotaExceeded):
+            alive.admit(FREE, 100, "large", this_process())
+        clock.now += 5
+        alive.renew()  # the live node beats; the dead one does not
+        lease_id, _ = alive.admit(PRO, 10, "large", this_process())
+        clock.now += 2  # 7 s after the dead node's last renewal, 2 s after the live one's
+        assert [node.name for node in alive.nodes()] == ["alive"]
+        alive.admit(FREE, 100, "large", this_process())  # the dead node's 200 s came back
+        assert alive.balance(FREE).used == 0
+        assert {row.id for row in alive.reservations() if row.identity == PRO} == {lease_id}
+    finally:
+        dead.close()
+        alive.close()
+
+
+def test_a_closed_node_leaves_the_fleet(place, clock):
+    node = open_ledger(place, clock=clock, node="gone")
+    node.register([{"index": 0}], 2, socket_path="/run/zerogpu.sock")
+    watcher = open_ledger(place, clock=clock)
+    try:
+        (seen,) = watcher.nodes()
+        assert (seen.name, seen.slices, seen.socket, seen.devices) == ("gone", 2, "/run/zerogpu.sock", [{"index": 0}])
+        node.close()
+        assert watcher.nodes() == []
+    finally:
+        watcher.close()
+
+
+def test_a_charge_written_twice_counts_once(ledger):
+    lease_id, _ = ledger.admit(FREE, 60, "large", this_process())
+    known = ledger._mine[lease_id]
+    assert ledger._settle(lease_id, 20, known) == 20
+    assert ledger._settle(lease_id, 20, known) == 0  # a retry after an outage: already written
+    assert ledger.balance(FREE).used == 20
+
+
+def test_a_warm_worker_s_reused_lease_id_is_charged_for_each_call(ledger):
+    first, _ = ledger.admit(FREE, 10, "large", this_process(), lease_id=42)
+    ledger.settle(first, 4)
+    second, _ = ledger.admit(FREE, 10, "large", this_process(), lease_id=42)
+    ledger.settle(second, 5)
+    assert ledger.balance(FREE).used == 9
+
+
+def test_the_schema_has_a_version_row(place):
+    open_ledger(place).close()
+    if place.startswith("postgresql"):
+        import psycopg
+
+        with psycopg.connect(place) as db:
+            assert db.execute("SELECT value FROM zerogpu_meta WHERE key='schema'").fetchone() == ("1",)
+    else:
+        import sqlite3
+
+        with sqlite3.connect(place) as db:
+            assert db.execute("SELECT value FROM meta WHERE key='schema'").fetchone() == ("2",)
+
+
+def test_a_file_of_the_first_schema_is_migrated_keeping_its_usage(tmp_path, clock):
+    import sqlite3
+
+    from zerogpu.schedule.quota import day_of
+    from zerogpu.schedule.quota_sqlite import SCHEMA_V1
+
+    path = tmp_path / "quota.sqlite3"
+    with sqlite3.connect(path) as db:
+        db.executescript(SCHEMA_V1)
+        db.execute("INSERT INTO usage VALUES ('ada', 'free', ?, 33)", (day_of(NOON),))
+    ledger = SQLiteLedger(path, clock=clock)
+    try:
+        assert ledger.balance(FREE).used == 33
+        lease_id, _ = ledger.admit(FREE, 10, "large", this_process())
+        assert ledger.settle(lease_id, 10) == 10
+    finally:
+        ledger.close()
+
+
+def test_a_newer_schema_is_refused(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "quota.sqlite3"
+    SQLiteLedger(path).close()
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE meta SET value='99' WHERE key='schema'")
+    with pytest.raises(SchedulerError, match="version 99, newer"):
+        SQLiteLedger(path)
+
+
+def test_a_server_that_is_down_is_a_clear_error_before_anything_is_admitted():
+    with pytest.raises(SchedulerError, match="cannot reach the quota ledger .*check that the server runs"):
+        open_ledger(f"postgresql://postgres:secret@127.0.0.1:{free_port()}/zerogpu")
+
+
+def test_the_password_stays_out_of_the_messages():
+    with pytest.raises(SchedulerError) as caught:
+        open_ledger(f"postgresql://postgres:hunter2@127.0.0.1:{free_port()}/zerogpu")
+    assert "hunter2" not in str(caught.value) and "postgres:***@" in str(caught.value)
+
+
+def test_a_bad_url_is_a_clear_error(postgres_server):
+    with pytest.raises(SchedulerError, match="cannot reach the quota ledger|not usable"):
+        open_ledger(postgres_server.url("no_such_database"))
+
+
+def test_an_outage_fails_admissions_and_keeps_the_charges_of_running_calls(postgres_server, postgres_url, clock):
+    ledger = open_ledger(postgres_url, clock=clock)
+    try:
+        running, _ = ledger.admit(FREE, 60, "large", this_process())
+        dropped, _ = ledger.admit(FREE, 60, "large", this_process())
+        postgres_server.stop()
+        try:
+            with pytest.raises(SchedulerError, match="unreachable|cannot reach"):
+                ledger.admit(FREE, 10, "large", this_process())
+            assert ledger.settle(running, 25) == 25  # the call finished: its charge waits
+            assert ledger.settle(dropped, None) == 0
+            assert ledger.pending() == 2
+            assert ledger.flush() == 2  # still down
+        finally:
+            postgres_server.start()
+        assert ledger.flush() == 0
+        balance = ledger.balance(FREE)
+        assert (balance.used, balance.reserved) == (25, 0)
+        assert ledger.flush() == 0 and ledger.balance(FREE).used == 25  # written once
+        ledger.admit(FREE, 10, "large", this_process())
+    finally:
+        ledger.close()
+
+
+def test_hundreds_of_concurrent_admissions_from_two_nodes_never_overspend(postgres_url):
+    quota = Policy(daily_quota={"free": 300})
+    nodes = [open_ledger(postgres_url, quota, node=f"node-{n}") for n in range(2)]
+    admitted, refused = [], []
+    start = threading.Barrier(16)
+
+    def call(ledger):
+        start.wait()
+        for _ in range(25):
+            try:
+                admitted.append(ledger.admit(FREE, 1, "large", this_process())[0])
+            except QuotaExceeded:
+                refused.append(1)
+
+    threads = [threading.Thread(target=call, args=(nodes[n % 2],)) for n in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    try:
+        assert len(admitted) == 300 and len(refused) == 100
+        assert nodes[0].balance(FREE).reserved == 300
+    finally:
+        for ledger in nodes:
+            ledger.close()
