@@ -47,7 +47,7 @@ from zerogpu.cuda.devices import emulated_devices
 from zerogpu.errors import QuotaExceeded
 from zerogpu.identity import TIERS, Identity
 from zerogpu.schedule.policy import DAILY_QUOTA, SIZE_WEIGHT, Policy
-from zerogpu.schedule.quota import QuotaLedger
+from zerogpu.schedule.quota_sqlite import SQLiteLedger
 from zerogpu.schedule.leases import LeaseRequest, Waiter
 from zerogpu.schedule.scheduler import EmbeddedScheduler
 
@@ -61,7 +61,7 @@ REQUEST = LeaseRequest(Identity("bench", "pro"), 30.0)
 
 def embedded_rate(folder: Path, pairs: int, threads: int) -> float:
     """Acquire + release pairs per second of one EmbeddedScheduler, from `threads` threads."""
-    ledger = QuotaLedger(folder / f"embedded-{threads}.sqlite3", ROOMY)
+    ledger = SQLiteLedger(folder / f"embedded-{threads}.sqlite3", ROOMY)
     scheduler = EmbeddedScheduler(emulated_devices(GPUS), ledger=ledger)
     try:
         for _ in range(200):  # warm up: statement cache, pages
@@ -214,7 +214,7 @@ def workload(count: int, seed: int, rate: float) -> list[Call]:
 def simulate(calls: list[Call], folder: Path, policy: Policy, timeout: float) -> Simulation:
     """Drive the calls through an EmbeddedScheduler on a simulated clock."""
     clock = Clock()
-    ledger = QuotaLedger(folder / "simulation.sqlite3", policy)
+    ledger = SQLiteLedger(folder / "simulation.sqlite3", policy)
     scheduler = EmbeddedScheduler(emulated_devices(GPUS), ledger=ledger, clock=clock)
     result = Simulation(calls)
     by_seq: dict[int, Call] = {}

@@ -63,8 +63,8 @@ def call_ended(error: BaseException | None, phases: dict[str, Any], warm: bool) 
     if not _listeners:
         return
     outcome = outcome_of(error)
-    stats = phases.get("restore_stats")
-    restored = stats.get("nbytes", 0) if isinstance(stats, dict) else getattr(stats, "nbytes", 0)
+    stats = phases.get("restore_stats") or []  # one dict of figures per model restored
+    restored = sum(figures.get("nbytes", 0) for figures in stats if isinstance(figures, dict))
     timed = {phase: float(phases[phase]) for phase in PHASES if isinstance(phases.get(phase), (int, float))}
     for listener in list(_listeners):
         listener.call_ended(outcome, timed, warm, int(restored or 0))
