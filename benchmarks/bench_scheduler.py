@@ -17,6 +17,14 @@ and an order check: every time a call is served while one ranked before it by
 the policy still waits, the overtaking must be one the policy allows (a large
 call backfilling a GPU kept for an xlarge one, or a shorter large call ending
 before a reserved GPU drains). Any other is counted as a violation.
+
+Fleet (`--fleet-only`, or after the rest): `--fleet-nodes` nodes of
+`--gpus-per-node` GPUs, each node an embedded scheduler of its own, sharing
+one quota ledger; `--visitors` visitors of mixed tiers spend about their
+daily quota in sessions over a simulated day, `--peak-share` of them in an
+evening peak hour; a load balancer sends each call to the node with the most
+free slices. Reported: utilization over the day and while calls wait
+(target 95%), and the wait per tier.
 """
 
 from __future__ import annotations
@@ -42,7 +50,7 @@ from zerogpu.cuda.devices import emulated_devices
 from zerogpu.errors import QuotaExceeded
 from zerogpu.identity import TIERS, Identity
 from zerogpu.schedule.policy import DAILY_QUOTA, SIZE_WEIGHT, Policy
-from zerogpu.schedule.quota import QuotaLedger
+from zerogpu.schedule.quota_sqlite import SQLiteLedger
 from zerogpu.schedule.leases import LeaseRequest, Waiter
 from zerogpu.schedule.scheduler import EmbeddedScheduler
 
@@ -58,7 +66,7 @@ REQUEST = LeaseRequest(Identity("bench", "pro"), 30.0)
 
 def embedded_rate(folder: Path, pairs: int, threads: int) -> float:
     """Acquire + release pairs per second of one EmbeddedScheduler, from `threads` threads."""
-    ledger = QuotaLedger(folder / f"embedded-{threads}.sqlite3", ROOMY)
+    ledger = SQLiteLedger(folder / f"embedded-{threads}.sqlite3", ROOMY)
     scheduler = EmbeddedScheduler(emulated_devices(GPUS), ledger=ledger)
     try:
         for _ in range(200):  # warm up: statement cache, pages
@@ -211,7 +219,7 @@ def workload(count: int, seed: int, rate: float) -> list[Call]:
 def simulate(calls: list[Call], folder: Path, policy: Policy, timeout: float) -> Simulation:
     """Drive the calls through an EmbeddedScheduler on a simulated clock."""
     clock = Clock()
-    ledger = QuotaLedger(folder / "simulation.sqlite3", policy)
+    ledger = SQLiteLedger(folder / "simulation.sqlite3", policy)
     scheduler = EmbeddedScheduler(emulated_devices(GPUS), ledger=ledger, clock=clock)
     result = Simulation(calls)
     by_seq: dict[int, Call] = {}
@@ -364,6 +372,173 @@ def simulation_table(summary: dict, timeout: float) -> Table:
     return table
 
 
+# -- the fleet: nodes behind a load balancer, one shared ledger, a simulated day -----------------
+
+FLEET_TIERS = {"anonymous": 0.3, "free": 0.5, "pro": 0.2}
+
+
+@dataclass
+class FleetCall:
+    arrival: float
+    request: LeaseRequest
+    runs_for: float
+    node: int = -1
+    granted: float | None = None
+    refused: bool = False
+    timed_out: bool = False
+
+
+def fleet_workload(visitors: int, seed: int, peak_share: float) -> list[FleetCall]:
+    """A day of calls: each visitor spends about its daily quota in sessions; `peak_share` of the
+    sessions start in a one-hour peak at 20:00 UTC, the others over the day."""
+    rng = random.Random(seed)
+    calls = []
+    for n in range(visitors):
+        tier = rng.choices(list(FLEET_TIERS), weights=list(FLEET_TIERS.values()))[0]
+        identity = Identity(f"{tier}-{n}", tier)
+        budget = DAILY_QUOTA[tier] * rng.uniform(0.5, 1.3)  # some run out and are refused
+        now = 20 * 3600 + rng.uniform(0, 3600) if rng.random() < peak_share else rng.uniform(0, 86400 - 3600)
+        while budget > 0:
+            size = "xlarge" if rng.random() < 0.25 else "large"
+            legal = [d for d in DURATIONS if d * SIZE_WEIGHT[size] <= DAILY_QUOTA[tier]]
+            duration = float(rng.choice(legal))
+            runs_for = duration * rng.uniform(0.3, 1.0)
+            calls.append(FleetCall(now, LeaseRequest(identity, duration, size), runs_for))
+            budget -= runs_for * SIZE_WEIGHT[size]
+            now += rng.expovariate(1 / 20.0)  # the visitor's next call, about 20 s later
+    calls.sort(key=lambda call: call.arrival)
+    return calls
+
+
+def simulate_fleet(calls: list[FleetCall], folder: Path, nodes: int, gpus: int, timeout: float) -> dict:
+    """Every node an EmbeddedScheduler of its own, all on one ledger; a load balancer sends each call
+    to the node with the most free slices (one with a whole free GPU for an xlarge call)."""
+    policy = Policy()
+    clock = Clock()
+    ledger = SQLiteLedger(folder / "fleet.sqlite3", policy, clock=clock, lease_timeout=1e9)
+    schedulers = [EmbeddedScheduler(emulated_devices(gpus), ledger=ledger, clock=clock) for _ in range(nodes)]
+    per_gpu = policy.large_per_gpu
+    free = [[per_gpu] * gpus for _ in range(nodes)]  # free slices per GPU, as the balancer sees them
+    waiting: list[dict[int, FleetCall]] = [{} for _ in range(nodes)]
+    ends: list[tuple[float, int, int, object]] = []
+    order = 0
+    busy = 0
+    stats = {"busy_while_waiting": 0.0, "capacity_while_waiting": 0.0}
+    capacity = nodes * gpus * per_gpu
+
+    def slices(call: FleetCall) -> int:
+        return per_gpu if call.request.size == "xlarge" else 1
+
+    def start(call: FleetCall, lease) -> None:
+        nonlocal busy, order
+        call.granted = clock.now
+        busy += slices(call)
+        free[call.node][lease.device.index] -= slices(call)
+        order += 1
+        heapq.heappush(ends, (clock.now + call.runs_for, order, id(call), (call, lease)))
+
+    def served_on(node: int):
+        def served(waiter: Waiter) -> None:
+            call = waiting[node].pop(waiter.seq)
+            if waiter.lease is not None:
+                start(call, waiter.lease)
+            else:
+                call.timed_out = True
+        return served
+
+    def pick(call: FleetCall) -> int:
+        if call.request.size == "xlarge":
+            whole = [n for n in range(nodes) if per_gpu in free[n] and not waiting[n]]
+            if whole:
+                return max(whole, key=lambda n: sum(free[n]))
+        return max(range(nodes), key=lambda n: sum(free[n]) - len(waiting[n]) * per_gpu)
+
+    never = float("inf")
+    arrivals = iter(calls)
+    upcoming = next(arrivals, None)
+    last = 0.0
+    while upcoming is not None or ends or any(waiting):
+        queued = any(waiting)
+        next_end = ends[0][0] if ends else never
+        next_expiry = min(w.deadline for n in range(nodes) for w in schedulers[n]._waiters.values()) \
+            if queued else never
+        moment = min(upcoming.arrival if upcoming is not None else never, next_end, next_expiry)
+        if queued:
+            stats["busy_while_waiting"] += busy * (moment - last)
+            stats["capacity_while_waiting"] += capacity * (moment - last)
+        clock.now = last = moment
+        if next_end <= moment:
+            _, _, _, (call, lease) = heapq.heappop(ends)
+            busy -= slices(call)
+            free[call.node][lease.device.index] += slices(call)
+            schedulers[call.node].release(lease, used=call.runs_for)
+            continue
+        if next_expiry <= moment:
+            for scheduler in schedulers:
+                scheduler.expire()
+            continue
+        call, upcoming = upcoming, next(arrivals, None)
+        call.node = pick(call)
+        try:
+            waiter = schedulers[call.node].submit(call.request, timeout=timeout, on_done=served_on(call.node))
+        except QuotaExceeded:
+            call.refused = True
+            continue
+        if waiter.lease is not None:
+            start(call, waiter.lease)
+        else:
+            waiting[call.node][waiter.seq] = call
+    for scheduler in schedulers[1:]:
+        scheduler.close(settle=False)  # the shared ledger closes with the first one
+    schedulers[0].close()
+    tiers = {}
+    for tier in reversed(TIERS):
+        of_tier = [c for c in calls if c.request.identity.tier == tier]
+        waits = [c.granted - c.arrival for c in of_tier if c.granted is not None]
+        tiers[tier] = {"calls": len(of_tier), "served": len(waits), "refused_quota": sum(c.refused for c in of_tier),
+                       "timed_out": sum(c.timed_out for c in of_tier),
+                       "wait_p50_s": percentile(waits, 0.5), "wait_p99_s": percentile(waits, 0.99)}
+    demand = sum(c.runs_for * slices(c) for c in calls if c.granted is not None)
+    return {
+        "nodes": nodes, "gpus_per_node": gpus, "calls": len(calls),
+        "visitors": len({c.request.identity for c in calls}),
+        "utilization_day": demand / (capacity * 86400),
+        "seconds_with_calls_waiting": stats["capacity_while_waiting"] / capacity,
+        "utilization_while_waiting": (stats["busy_while_waiting"] / stats["capacity_while_waiting"]
+                                      if stats["capacity_while_waiting"] else None),
+        "tiers": tiers,
+    }
+
+
+def fleet_table(summary: dict, wall: float) -> Table:
+    table = Table(title=f"fleet: {summary['nodes']} nodes x {summary['gpus_per_node']} GPUs, {summary['visitors']:,} "
+                        f"visitors, {summary['calls']:,} calls over a simulated day, in {wall:.0f} s")
+    for column in ("tier", "calls", "served", "no quota", "timed out", "wait p50 s", "wait p99 s"):
+        table.add_column(column, justify="left" if column == "tier" else "right")
+    for tier, row in summary["tiers"].items():
+        table.add_row(tier, f"{row['calls']:,}", f"{row['served']:,}", f"{row['refused_quota']:,}",
+                      f"{row['timed_out']:,}", f"{row['wait_p50_s']:.1f}", f"{row['wait_p99_s']:.1f}")
+    return table
+
+
+def fleet_main(args, console) -> dict:
+    runs = []
+    for nodes in (int(text) for text in args.fleet_nodes.split(",")):
+        calls = fleet_workload(args.visitors, args.seed, args.peak_share)
+        console.print(f"simulating a day of {len(calls):,} calls from {args.visitors:,} visitors on {nodes} nodes ...")
+        with tempfile.TemporaryDirectory(prefix="zg-fleet-", dir="/tmp") as tmp:
+            began = time.perf_counter()
+            summary = simulate_fleet(calls, Path(tmp), nodes, args.gpus_per_node, args.timeout)
+            summary["wall_s"] = time.perf_counter() - began
+        console.print(fleet_table(summary, summary["wall_s"]))
+        during = summary["utilization_while_waiting"]
+        console.print(f"utilization over the day {summary['utilization_day']:.1%}; calls waited during "
+                      f"{summary['seconds_with_calls_waiting'] / 3600:.2f} h, with the fleet "
+                      + (f"{during:.1%} busy meanwhile (target 95%)" if during is not None else "never full"))
+        runs.append(summary)
+    return {"visitors": args.visitors, "peak_share": args.peak_share, "seed": args.seed, "runs": runs}
+
+
 # -- main -----------------------------------------------------------------------------------------
 
 
@@ -378,8 +553,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=60.0, help="queue timeout of the simulated calls")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", type=Path, default=Path("bench_scheduler.json"), help="where to write the figures")
+    parser.add_argument("--fleet-only", action="store_true", help="run only the fleet simulation")
+    parser.add_argument("--fleet-nodes", default="100", help="fleet sizes to simulate, in nodes")
+    parser.add_argument("--gpus-per-node", type=int, default=8)
+    parser.add_argument("--visitors", type=int, default=10000)
+    parser.add_argument("--peak-share", type=float, default=0.5, help="share of the sessions in the evening peak")
     args = parser.parse_args(argv)
     out = console()
+    if args.fleet_only:
+        report = {"benchmark": "bench_scheduler (fleet)", "command": command_line(), "machine": machine(),
+                  "fleet": fleet_main(args, out)}
+        write_figures(args.json, report, out)
+        return 0
 
     with tempfile.TemporaryDirectory(prefix="zg-bench-", dir="/tmp") as tmp:
         folder = Path(tmp)

@@ -14,7 +14,7 @@ import zerogpu
 from zerogpu.errors import InvalidArgument
 from zerogpu.identity import Identity, identify_visitors
 from zerogpu.schedule.policy import Policy
-from zerogpu.schedule.quota import QuotaLedger
+from zerogpu.schedule.quota_sqlite import SQLiteLedger
 from zerogpu.schedule.choice import reset_scheduler, scheduler
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -101,7 +101,7 @@ def test_the_quickstart_runs_again_and_again_on_the_apps_account(tmp_path):
                               capture_output=True, text=True, timeout=240, cwd=tmp_path)
         assert done.returncode == 0, done.stderr
         assert "same as on the CPU: True" in done.stdout
-    ledger = QuotaLedger(tmp_path / "quota.sqlite3", Policy())
+    ledger = SQLiteLedger(tmp_path / "quota.sqlite3", Policy())
     try:
         accounts = {b.identity for b in ledger.balances()}
     finally:

@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "zerogpu"
 # Bottom to top. A module may import its own layer and the layers below it.
 LAYERS = [
     ["zerogpu.errors"],
-    ["zerogpu.units", "zerogpu.settings", "zerogpu.identity", "zerogpu.progress"],
+    ["zerogpu.units", "zerogpu.settings", "zerogpu.identity", "zerogpu.progress", "zerogpu.telemetry"],
     ["zerogpu.cuda"],
     ["zerogpu.snapshot"],
     ["zerogpu.schedule"],

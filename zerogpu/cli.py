@@ -19,7 +19,7 @@ from rich.table import Table
 
 from . import bench as measure
 from .snapshot import segments
-from .schedule.daemon import HEARTBEAT_TIMEOUT
+from .schedule.daemon import HEARTBEAT_TIMEOUT, NODE_TIMEOUT
 from .errors import InvalidArgument, SchedulerError, ZeroGPUError
 from .schedule.policy import DEFAULT_AGING, Policy
 from .units import describe_size
@@ -244,8 +244,16 @@ def serve(
         metavar="TIER=SECONDS", help="longest call a tier may ask for (repeatable)")] = None,
     large_per_gpu: Annotated[int, typer.Option(help="large calls sharing one GPU")] = Policy.large_per_gpu,
     aging: Annotated[float, typer.Option(help="seconds of waiting that lift a call one tier")] = DEFAULT_AGING,
-    ledger: Annotated[Path | None, typer.Option(help="the quota database (default: under ZEROGPU_DATA_DIR)")]
+    ledger: Annotated[str | None, typer.Option(
+        help="the quota ledger: a SQLite file, or postgresql://... shared by a fleet's nodes "
+             "(default: ZEROGPU_LEDGER, else a file under ZEROGPU_DATA_DIR)")]
     = None,
+    node: Annotated[str | None, typer.Option(help="this node's name in the fleet (default: the host name)")]
+    = None,
+    node_timeout: Annotated[float, typer.Option(
+        help="seconds without a heartbeat after which this node's reservations expire")] = NODE_TIMEOUT,
+    metrics_port: Annotated[int | None, typer.Option(help="serve Prometheus metrics on this port")] = None,
+    metrics_host: Annotated[str, typer.Option(help="the address the metrics listen on")] = "127.0.0.1",
     heartbeat_timeout: Annotated[float, typer.Option(
         help="seconds of silence after which a client's leases come back (keep it at 3 or more)")]
     = HEARTBEAT_TIMEOUT,
@@ -259,8 +267,13 @@ def serve(
         policy = Policy(daily_quota=settings.tier_seconds(quota or [], "--quota"),
                         max_duration=settings.tier_seconds(max_duration or [], "--max-duration"),
                         large_per_gpu=large_per_gpu, aging=aging)
-        daemon.serve(socket, policy=policy, ledger_path=ledger, heartbeat_timeout=heartbeat_timeout,
-                     ready=lambda running: typer.echo(f"ready {running.socket_path}"))
+        if metrics_port is not None:
+            from . import metrics
+
+            endpoint = metrics.serve(metrics_port, metrics_host)
+            typer.echo(f"metrics on {endpoint.url}")
+        daemon.serve(socket, policy=policy, ledger_path=ledger, heartbeat_timeout=heartbeat_timeout, node=node,
+                     node_timeout=node_timeout, ready=lambda running: typer.echo(f"ready {running.socket_path}"))
     except ZeroGPUError as error:
         fail("serve", error)
 
@@ -270,19 +283,22 @@ def status(
     socket: Annotated[str | None, typer.Option(help="the node daemon's socket (default: ZEROGPU_SCHEDULER)")]
     = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the state as JSON")] = False,
+    fleet: Annotated[bool, typer.Option("--fleet", help="every node of the shared ledger, read from it")] = False,
+    ledger: Annotated[str | None, typer.Option(
+        help="with --fleet: the ledger's postgresql:// URL or file (default: ZEROGPU_LEDGER)")] = None,
 ) -> None:
     """The GPUs, the leases, the queue and each identity's quota left today."""
-    from .schedule.status import render_status
+    from .schedule.status import fleet_status, render_fleet, render_status
     from .schedule.status import status as read_status
 
     try:
-        state = read_status(socket)
+        state = fleet_status(ledger) if fleet else read_status(socket)
     except ZeroGPUError as error:
         fail("status", error)
     if as_json:
         typer.echo(json.dumps(state, indent=2, default=str))
     else:
-        Console().print(render_status(state))
+        Console().print(render_fleet(state) if fleet else render_status(state))
 
 
 # -- quota ----------------------------------------------------------------------------------
@@ -338,7 +354,7 @@ def reset_through_daemon(path: str, user: str | None) -> int:
 
 def reset_ledger(path: Path | None, user: str | None) -> int:
     from .schedule.policy import Policy
-    from .schedule.quota import QuotaLedger, default_path
+    from .schedule.quota_sqlite import SQLiteLedger, default_path
 
     path = path or default_path()
     try:
@@ -350,7 +366,7 @@ def reset_ledger(path: Path | None, user: str | None) -> int:
     if owner != os.getuid():
         raise SchedulerError(f"the quota ledger {path} belongs to uid {owner}, not to this user "
                              f"(uid {os.getuid()}): only its owner may reset its quotas")
-    ledger = QuotaLedger(path, Policy())
+    ledger = SQLiteLedger(path, Policy())
     try:
         return ledger.reset(user)
     finally:

@@ -149,6 +149,12 @@ def scheduler_socket() -> str | None:
     return os.environ.get("ZEROGPU_SCHEDULER") or None
 
 
+def ledger() -> str | None:
+    """ZEROGPU_LEDGER: the quota ledger, a postgresql:// URL (a fleet's) or a file path; unset: the file
+    quota.sqlite3 under data_dir()."""
+    return os.environ.get("ZEROGPU_LEDGER", "").strip() or None
+
+
 def emulated_faults() -> str:
     """ZEROGPU_EMULATED_FAULTS: faults the emulated engine injects, for tests (see zerogpu.cuda.engine)."""
     return os.environ.get("ZEROGPU_EMULATED_FAULTS", "")

@@ -23,7 +23,8 @@ import zerogpu
 from zerogpu.identity import Identity, current
 from zerogpu.integrations import fastapi as zerogpu_fastapi
 from zerogpu.schedule.policy import Policy
-from zerogpu.schedule.quota import QuotaLedger, this_process
+from zerogpu.schedule.quota import this_process
+from zerogpu.schedule.quota_sqlite import SQLiteLedger
 from zerogpu.schedule.choice import reset_scheduler, scheduler
 from zerogpu.schedule.leases import LeaseRequest
 
@@ -361,7 +362,7 @@ def test_the_fastapi_example_serves_under_zerogpu_run(tmp_path):
     finally:
         server.send_signal(signal.SIGINT)
         server.wait(HANG_GUARD)
-    ledger = QuotaLedger(tmp_path / "quota.sqlite3", Policy())
+    ledger = SQLiteLedger(tmp_path / "quota.sqlite3", Policy())
     try:
         accounts = {b.identity for b in ledger.balances()}
     finally:

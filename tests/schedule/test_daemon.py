@@ -25,7 +25,8 @@ from zerogpu.schedule.client import DaemonClient
 from zerogpu.errors import Cancelled, InvalidArgument, NoGPUAvailable, QuotaExceeded, SchedulerError
 from zerogpu.identity import Identity
 from zerogpu.schedule.protocol import MAX_FRAME, VERSION, FrameReader, decode, encode
-from zerogpu.schedule.quota import QuotaLedger, this_process
+from zerogpu.schedule.quota import this_process
+from zerogpu.schedule.quota_sqlite import SQLiteLedger
 from zerogpu.schedule.leases import LeaseRequest
 from zerogpu.schedule.status import embedded_status, render_status, status
 
@@ -498,7 +499,7 @@ def test_leases_a_restarted_client_does_not_name_come_back(folder):
     daemon = Daemon(folder).start()
     try:
         # A lease the daemon granted to this process, whose answer was lost when it stopped.
-        ledger = QuotaLedger(daemon.ledger, holder=f"daemon:{daemon.socket}")
+        ledger = SQLiteLedger(daemon.ledger, holder=f"daemon:{daemon.socket}")
         ledger.admit(FREE, 50, "xlarge", this_process(), device=2)
         ledger.close()
         daemon.stop()
@@ -646,7 +647,7 @@ def test_status_without_a_daemon_reads_the_ledger(tmp_path, monkeypatch):
     monkeypatch.setenv("ZEROGPU_BACKEND", "emulated")
     monkeypatch.setenv("ZEROGPU_EMULATED_GPUS", "2")
     monkeypatch.delenv("ZEROGPU_SCHEDULER", raising=False)
-    ledger = QuotaLedger()
+    ledger = SQLiteLedger()
     lease_id, _ = ledger.admit(FREE, 30, "large", this_process(), device=1, slot=1)
     done, _ = ledger.admit(PRO, 30, "large", this_process())
     ledger.settle(done, 12)
@@ -735,6 +736,9 @@ def test_a_client_that_stops_reading_delays_no_other(folder):
 
 def test_connecting_while_the_backlog_is_full_waits_and_busy_says_so(daemon):
     daemon.proc.send_signal(signal.SIGSTOP)  # accepts nothing: the listen backlog fills
+    # The signal lands asynchronously: a daemon still running would accept a filler and leave room.
+    while psutil.Process(daemon.proc.pid).status() != psutil.STATUS_STOPPED:
+        time.sleep(0.01)
     fillers = []
     try:
         while True:
@@ -789,8 +793,11 @@ def test_the_daemon_takes_back_a_lease_past_its_duration(folder, monkeypatch):
         assert told == {"op": "expired", "lease": lease}
         assert node.status()["leases"] == []
         # Charged its full duration; its own late release is refused, not double-counted.
-        late = exchange(sock, encode({"op": "release", "id": 3, "lease": lease, "used": 9.0, "charge": True,
-                                      "park": False}))
+        sock.sendall(encode({"op": "release", "id": 3, "lease": lease, "used": 9.0, "charge": True, "park": False}))
+        late = None
+        while late is None:  # replies to the pings above may come first
+            reader.feed(sock.recv(65536))
+            late = next((m for m in map(decode, reader.frames()) if m.get("id") == 3), None)
         assert not late["ok"]
     finally:
         sock.close()

@@ -1,4 +1,8 @@
-"""The quota ledger: admission, charges, days, concurrency, restarts, dead processes."""
+"""The quota ledger: admission, charges, days, concurrency, restarts, dead processes, expiry, outages.
+
+Every test that takes `place` (or `ledger`) runs on both engines: a SQLite
+file and a database on a real PostgreSQL server (see conftest.py).
+"""
 
 from __future__ import annotations
 
@@ -15,9 +19,11 @@ import pytest
 from zerogpu.errors import InvalidArgument, QuotaExceeded, SchedulerError
 from zerogpu.identity import Identity
 from zerogpu.schedule.policy import Policy
+from zerogpu.schedule.ledger import open_ledger
 from zerogpu.schedule.quota import (
     DAY, Owner, QuotaLedger, clock_time, next_reset, spell_seconds, this_process,
 )
+from zerogpu.schedule.quota_sqlite import SQLiteLedger
 
 FREE = Identity("ada", "free")
 PRO = Identity("grace", "pro")
@@ -40,9 +46,18 @@ def clock():
     return Clock()
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def place(request, tmp_path):
+    """Where a ledger lives: a SQLite file, or an empty PostgreSQL database."""
+    if request.param == "sqlite":
+        return str(tmp_path / "quota.sqlite3")
+    return request.getfixturevalue("postgres_url")
+
+
 @pytest.fixture
-def ledger(tmp_path, clock):
-    opened = QuotaLedger(tmp_path / "quota.sqlite3", clock=clock)
+def ledger(place, clock):
+    opened = open_ledger(place, clock=clock)
+    assert isinstance(opened, QuotaLedger)
     yield opened
     opened.close()
 
@@ -154,7 +169,7 @@ def test_the_apps_own_account_has_no_daily_quota_by_default(ledger):
 
 def test_a_quota_set_for_the_app_says_where_it_was_set(tmp_path, clock, monkeypatch):
     monkeypatch.setenv("ZEROGPU_QUOTA", "app=100")
-    ledger = QuotaLedger(tmp_path / "quota.sqlite3", clock=clock)
+    ledger = SQLiteLedger(tmp_path / "quota.sqlite3", clock=clock)
     try:
         ledger.settle(ledger.admit(APP, 80, "large", this_process())[0], 80)
         with pytest.raises(QuotaExceeded) as caught:
@@ -192,13 +207,13 @@ def test_identities_of_different_tiers_are_apart(ledger):
     assert [(b.identity, b.used) for b in ledger.balances()] == [(Identity("ada", "pro"), 100)]
 
 
-def test_usage_survives_a_restart(tmp_path, clock):
-    path = tmp_path / "quota.sqlite3"
-    first = QuotaLedger(path, clock=clock)
+def test_usage_survives_a_restart(place, clock):
+    path = place
+    first = open_ledger(path, clock=clock)
     lease_id, _ = first.admit(FREE, 60, "large", this_process())
     first.settle(lease_id, 42)
     first.close()
-    second = QuotaLedger(path, clock=clock)
+    second = open_ledger(path, clock=clock)
     try:
         assert second.balance(FREE).used == 42
     finally:
@@ -207,7 +222,7 @@ def test_usage_survives_a_restart(tmp_path, clock):
 
 def test_the_file_is_readable_by_its_owner_only(tmp_path):
     path = tmp_path / "data" / "quota.sqlite3"
-    opened = QuotaLedger(path)
+    opened = SQLiteLedger(path)
     opened.close()
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert stat.S_IMODE(os.stat(path.parent).st_mode) == 0o700
@@ -236,8 +251,9 @@ ADMIT_SCRIPT = textwrap.dedent("""
     import sys
     from zerogpu.errors import QuotaExceeded
     from zerogpu.identity import Identity
-    from zerogpu.schedule.quota import QuotaLedger, this_process
-    ledger = QuotaLedger(sys.argv[1])
+    from zerogpu.schedule.ledger import open_ledger
+    from zerogpu.schedule.quota import this_process
+    ledger = open_ledger(sys.argv[1], node=sys.argv[3])
     admitted = 0
     for _ in range(int(sys.argv[2])):
         try:
@@ -246,21 +262,24 @@ ADMIT_SCRIPT = textwrap.dedent("""
             continue
         ledger.settle(lease_id, 10)
         admitted += 1
+    ledger.close()
     print(admitted)
 """)
 
 
 @pytest.mark.slow
-def test_concurrent_processes_never_overspend(tmp_path):
-    path = tmp_path / "quota.sqlite3"
-    QuotaLedger(path).close()
+def test_concurrent_processes_never_overspend(place):
+    path = place
+    open_ledger(path).close()
+    # Four processes, as if on two nodes.
     procs = [
-        subprocess.Popen([sys.executable, "-c", ADMIT_SCRIPT, str(path), "12"], stdout=subprocess.PIPE, text=True)
-        for _ in range(4)
+        subprocess.Popen([sys.executable, "-c", ADMIT_SCRIPT, str(path), "12", f"node-{n % 2}"],
+                         stdout=subprocess.PIPE, text=True)
+        for n in range(4)
     ]
-    counts = [int(proc.communicate(timeout=60)[0]) for proc in procs]
+    counts = [int(proc.communicate(timeout=120)[0]) for proc in procs]
     assert sum(counts) == 21
-    check = QuotaLedger(path)
+    check = open_ledger(path)
     try:
         assert check.balance(FREE).used == 210
     finally:
@@ -270,8 +289,9 @@ def test_concurrent_processes_never_overspend(tmp_path):
 HOLD_SCRIPT = textwrap.dedent("""
     import sys, time
     from zerogpu.identity import Identity
-    from zerogpu.schedule.quota import QuotaLedger, this_process
-    ledger = QuotaLedger(sys.argv[1])
+    from zerogpu.schedule.ledger import open_ledger
+    from zerogpu.schedule.quota import this_process
+    ledger = open_ledger(sys.argv[1])
     ledger.admit(Identity("ada", "free"), 200, "large", this_process())
     print("held", flush=True)
     time.sleep(60)
@@ -279,12 +299,12 @@ HOLD_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.slow
-def test_reservations_of_a_dead_process_are_swept_uncharged(tmp_path):
-    path = tmp_path / "quota.sqlite3"
+def test_reservations_of_a_dead_process_are_swept_uncharged(place):
+    path = place
     proc = subprocess.Popen([sys.executable, "-c", HOLD_SCRIPT, str(path)], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "held"
-        ledger = QuotaLedger(path)
+        ledger = open_ledger(path)
         try:
             assert ledger.balance(FREE).reserved == 200
             with pytest.raises(QuotaExceeded):
@@ -334,24 +354,29 @@ def test_an_unusable_ledger_path_is_a_clear_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     with pytest.raises(SchedulerError, match="cannot open the quota ledger .*ZEROGPU_DATA_DIR"):
-        QuotaLedger(blocker / "quota.sqlite3")
+        SQLiteLedger(blocker / "quota.sqlite3")
 
 
-def test_one_failing_write_in_a_group_leaves_the_others_in_place(ledger):
-    from zerogpu.schedule.quota import Work
+def test_one_failing_write_in_a_group_leaves_the_others_in_place(tmp_path):
+    from zerogpu.schedule.quota import DuplicateLease, Reservation
+    from zerogpu.schedule.quota_sqlite import Work
+
+    ledger = SQLiteLedger(tmp_path / "quota.sqlite3")
 
     def admit(lease_id):
-        return lambda db: ledger._insert(db, lease_id, FREE, "2026-11-23", "large", 10.0, 10.0, this_process(),
-                                         None, None, 0.0)
+        row = Reservation(lease_id, FREE, "2026-11-23", "large", 10.0, 10.0, None, None, "embedded", this_process(),
+                          0.0, ledger.node, 1e12, lease_id)
+        return lambda db: (ledger._insert(db, row), lease_id)[1]
 
     ledger.admit(FREE, 10, "large", this_process(), lease_id=7)
     batch = [Work(admit(1)), Work(admit(7)), Work(admit(2))]  # 7 is taken: that one fails
     ledger._write(batch)
     assert [work.done for work in batch] == [True, True, True]
     assert batch[0].outcome() == 1 and batch[2].outcome() == 2
-    with pytest.raises(SchedulerError, match="already admitted"):
+    with pytest.raises(DuplicateLease):
         batch[1].outcome()
     assert sorted(row.id for row in ledger.reservations()) == [1, 2, 7]
+    ledger.close()
 
 
 def test_threads_admitting_at_once_are_all_recorded(ledger):
@@ -373,3 +398,177 @@ def test_threads_admitting_at_once_are_all_recorded(ledger):
     assert len(set(admitted)) == 400
     assert sorted(row.id for row in ledger.reservations()) == sorted(admitted)
     assert ledger.balance(PRO).reserved == pytest.approx(400)
+
+
+# -- nodes, expiry and the engines' own failures ------------------------------------------
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_reservations_of_a_node_that_stops_renewing_expire_uncharged(place, clock):
+    dead = open_ledger(place, clock=clock, node="dead", lease_timeout=6)
+    alive = open_ledger(place, clock=clock, node="alive", lease_timeout=6)
+    try:
+        dead.register([{"index": 0, "name": "GPU 0"}], 2)
+        alive.register([{"index": 0, "name": "GPU 0"}], 2)
+        dead.admit(FREE, 200, "large", this_process())
+        assert [node.name for node in alive.nodes()] == ["alive", "dead"]
+        with pytest.raises(QuotaExceeded):
+            alive.admit(FREE, 100, "large", this_process())
+        clock.now += 5
+        alive.renew()  # the live node beats; the dead one does not
+        lease_id, _ = alive.admit(PRO, 10, "large", this_process())
+        clock.now += 2  # 7 s after the dead node's last renewal, 2 s after the live one's
+        assert [node.name for node in alive.nodes()] == ["alive"]
+        alive.admit(FREE, 100, "large", this_process())  # the dead node's 200 s came back
+        assert alive.balance(FREE).used == 0
+        assert {row.id for row in alive.reservations() if row.identity == PRO} == {lease_id}
+    finally:
+        dead.close()
+        alive.close()
+
+
+def test_a_closed_node_leaves_the_fleet(place, clock):
+    node = open_ledger(place, clock=clock, node="gone")
+    node.register([{"index": 0}], 2, socket_path="/run/zerogpu.sock")
+    watcher = open_ledger(place, clock=clock)
+    try:
+        (seen,) = watcher.nodes()
+        assert (seen.name, seen.slices, seen.socket, seen.devices) == ("gone", 2, "/run/zerogpu.sock", [{"index": 0}])
+        node.close()
+        assert watcher.nodes() == []
+    finally:
+        watcher.close()
+
+
+def test_a_charge_written_twice_counts_once(ledger):
+    lease_id, _ = ledger.admit(FREE, 60, "large", this_process())
+    known = ledger._mine[lease_id]
+    assert ledger._settle(lease_id, 20, known) == 20
+    assert ledger._settle(lease_id, 20, known) == 0  # a retry after an outage: already written
+    assert ledger.balance(FREE).used == 20
+
+
+def test_a_warm_worker_s_reused_lease_id_is_charged_for_each_call(ledger):
+    first, _ = ledger.admit(FREE, 10, "large", this_process(), lease_id=42)
+    ledger.settle(first, 4)
+    second, _ = ledger.admit(FREE, 10, "large", this_process(), lease_id=42)
+    ledger.settle(second, 5)
+    assert ledger.balance(FREE).used == 9
+
+
+def test_the_schema_has_a_version_row(place):
+    open_ledger(place).close()
+    if place.startswith("postgresql"):
+        import psycopg
+
+        with psycopg.connect(place) as db:
+            assert db.execute("SELECT value FROM zerogpu_meta WHERE key='schema'").fetchone() == ("1",)
+    else:
+        import sqlite3
+
+        with sqlite3.connect(place) as db:
+            assert db.execute("SELECT value FROM meta WHERE key='schema'").fetchone() == ("2",)
+
+
+def test_a_file_of_the_first_schema_is_migrated_keeping_its_usage(tmp_path, clock):
+    import sqlite3
+
+    from zerogpu.schedule.quota import day_of
+    from zerogpu.schedule.quota_sqlite import SCHEMA_V1
+
+    path = tmp_path / "quota.sqlite3"
+    with sqlite3.connect(path) as db:
+        db.executescript(SCHEMA_V1)
+        db.execute("INSERT INTO usage VALUES ('ada', 'free', ?, 33)", (day_of(NOON),))
+    ledger = SQLiteLedger(path, clock=clock)
+    try:
+        assert ledger.balance(FREE).used == 33
+        lease_id, _ = ledger.admit(FREE, 10, "large", this_process())
+        assert ledger.settle(lease_id, 10) == 10
+    finally:
+        ledger.close()
+
+
+def test_a_newer_schema_is_refused(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "quota.sqlite3"
+    SQLiteLedger(path).close()
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE meta SET value='99' WHERE key='schema'")
+    with pytest.raises(SchedulerError, match="version 99, newer"):
+        SQLiteLedger(path)
+
+
+def test_a_server_that_is_down_is_a_clear_error_before_anything_is_admitted():
+    with pytest.raises(SchedulerError, match="cannot reach the quota ledger .*check that the server runs"):
+        open_ledger(f"postgresql://postgres:secret@127.0.0.1:{free_port()}/zerogpu")
+
+
+def test_the_password_stays_out_of_the_messages():
+    with pytest.raises(SchedulerError) as caught:
+        open_ledger(f"postgresql://postgres:hunter2@127.0.0.1:{free_port()}/zerogpu")
+    assert "hunter2" not in str(caught.value) and "postgres:***@" in str(caught.value)
+
+
+def test_a_bad_url_is_a_clear_error(postgres_server):
+    with pytest.raises(SchedulerError, match="cannot reach the quota ledger|not usable"):
+        open_ledger(postgres_server.url("no_such_database"))
+
+
+def test_an_outage_fails_admissions_and_keeps_the_charges_of_running_calls(postgres_server, postgres_url, clock):
+    ledger = open_ledger(postgres_url, clock=clock)
+    try:
+        running, _ = ledger.admit(FREE, 60, "large", this_process())
+        dropped, _ = ledger.admit(FREE, 60, "large", this_process())
+        postgres_server.stop()
+        try:
+            with pytest.raises(SchedulerError, match="unreachable|cannot reach"):
+                ledger.admit(FREE, 10, "large", this_process())
+            assert ledger.settle(running, 25) == 25  # the call finished: its charge waits
+            assert ledger.settle(dropped, None) == 0
+            assert ledger.pending() == 2
+            assert ledger.flush() == 2  # still down
+        finally:
+            postgres_server.start()
+        assert ledger.flush() == 0
+        balance = ledger.balance(FREE)
+        assert (balance.used, balance.reserved) == (25, 0)
+        assert ledger.flush() == 0 and ledger.balance(FREE).used == 25  # written once
+        ledger.admit(FREE, 10, "large", this_process())
+    finally:
+        ledger.close()
+
+
+def test_hundreds_of_concurrent_admissions_from_two_nodes_never_overspend(postgres_url):
+    quota = Policy(daily_quota={"free": 300})
+    nodes = [open_ledger(postgres_url, quota, node=f"node-{n}") for n in range(2)]
+    admitted, refused = [], []
+    start = threading.Barrier(16)
+
+    def call(ledger):
+        start.wait()
+        for _ in range(25):
+            try:
+                admitted.append(ledger.admit(FREE, 1, "large", this_process())[0])
+            except QuotaExceeded:
+                refused.append(1)
+
+    threads = [threading.Thread(target=call, args=(nodes[n % 2],)) for n in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    try:
+        assert len(admitted) == 300 and len(refused) == 100
+        assert nodes[0].balance(FREE).reserved == 300
+    finally:
+        for ledger in nodes:
+            ledger.close()

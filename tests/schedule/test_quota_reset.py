@@ -19,7 +19,8 @@ from zerogpu.cli import app
 from zerogpu.identity import Identity
 from zerogpu.schedule.client import DaemonClient
 from zerogpu.schedule.policy import Policy
-from zerogpu.schedule.quota import QuotaLedger, this_process
+from zerogpu.schedule.quota import this_process
+from zerogpu.schedule.quota_sqlite import SQLiteLedger
 
 from conftest import emulated_environment
 
@@ -30,7 +31,7 @@ NOBODY = 65534
 
 def charge(path: str, who: Identity, seconds: float) -> None:
     """A call of `who` that used `seconds`, as any scheduler would record it."""
-    ledger = QuotaLedger(path, Policy())
+    ledger = SQLiteLedger(path, Policy())
     try:
         lease, _ = ledger.admit(who, seconds, "large", this_process())
         ledger.settle(lease, seconds)
@@ -39,7 +40,7 @@ def charge(path: str, who: Identity, seconds: float) -> None:
 
 
 def used(path: str) -> dict[str, float]:
-    ledger = QuotaLedger(path, Policy())
+    ledger = SQLiteLedger(path, Policy())
     try:
         return {b.identity.user: b.used for b in ledger.balances()}
     finally:
@@ -88,7 +89,7 @@ def daemon(ledger, folder):
 
 def test_reset_forgets_one_accounts_charges_or_everyones(ledger):
     assert used(ledger) == {"grace": 50, "ada": 30}
-    book = QuotaLedger(ledger, Policy())
+    book = SQLiteLedger(ledger, Policy())
     try:
         assert book.reset("ada") == 1
         assert book.balance(ADA).used == 0 and book.balance(ADA).left == book.balance(ADA).limit
@@ -101,7 +102,7 @@ def test_reset_forgets_one_accounts_charges_or_everyones(ledger):
 
 
 def test_reset_leaves_running_calls_reserved(ledger):
-    book = QuotaLedger(ledger, Policy())
+    book = SQLiteLedger(ledger, Policy())
     try:
         lease, _ = book.admit(ADA, 20, "large", this_process())
         book.reset("ada")

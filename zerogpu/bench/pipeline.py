@@ -96,7 +96,7 @@ def measure_zerogpu(plan: Plan, model: Stack, x: torch.Tensor, ledger: Path, say
     from ..cuda import devices
     from .. import runtime
     from ..schedule.policy import Policy
-    from ..schedule.quota import QuotaLedger
+    from ..schedule.quota_sqlite import SQLiteLedger
     from ..schedule.choice import use_scheduler
     from ..schedule.scheduler import EmbeddedScheduler
 
@@ -108,7 +108,7 @@ def measure_zerogpu(plan: Plan, model: Stack, x: torch.Tensor, ledger: Path, say
         # A private ledger with room to spare: the bench must not spend the user's quota.
         policy = Policy(daily_quota={"anonymous": BENCH_QUOTA})
         use_scheduler(EmbeddedScheduler(devices.discover(runtime.backend()),
-                                        ledger=QuotaLedger(ledger, policy=policy)))
+                                        ledger=SQLiteLedger(ledger, policy=policy)))
         model.to("cuda")
         held["model"] = model
 

@@ -17,7 +17,7 @@ from functools import partial
 from typing import Any, Callable, Iterator
 
 from . import child, events, transport, worker
-from .. import runtime, settings
+from .. import runtime, settings, telemetry
 from ..errors import (
     AttachError,
     CallTimeout,
@@ -134,6 +134,7 @@ class Call:
         self.ended = False
         self._ending = threading.Lock()
         self.phases: dict[str, Any] = {}
+        self.failure: BaseException | None = None  # how the call failed, for the metrics
 
     @property
     def cancelled(self) -> bool:
@@ -162,8 +163,9 @@ class Call:
             if self.cancelled:
                 raise self.cancelled_error()
             self.hand_over()
-        except BaseException:
+        except BaseException as error:
             self.charge = False  # the user's code never ran
+            self.failure = error
             self.end()
             raise
 
@@ -236,6 +238,10 @@ class Call:
         """
         try:
             yield from self._read()
+        except BaseException as error:
+            if not (self.complete and isinstance(error, GeneratorExit)):  # closed once the result came
+                self.failure = error
+            raise
         finally:
             self.close()
 
@@ -383,6 +389,7 @@ class Call:
             self.ended = True
         transport.discard(self.payload)
         if self.lease is None:
+            telemetry.call_ended(self.failure, self.phases, self.warm)
             return
         ending = time.monotonic()
         used = ending - self.granted
@@ -396,3 +403,4 @@ class Call:
         else:
             scheduler().release(self.lease, used=used, charge=self.charge)
         self.phases["release"] = time.monotonic() - ending
+        telemetry.call_ended(self.failure, self.phases, self.warm)

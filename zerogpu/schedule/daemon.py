@@ -13,6 +13,12 @@ return uncharged and its waiting calls leave the queue.
 Quota reservations live in the ledger, so a daemon that stops (or crashes)
 loses no record: the next one takes over the leases of clients still alive
 and they release them as usual once they reconnect.
+
+A daemon is a node of its ledger's fleet (several, with a PostgreSQL
+ledger): it enters its name, GPUs and slices in the ledger and its ledger
+renews a heartbeat and its reservations' expiry every third of
+`node_timeout`. A node that stops renewing (killed, powered off) leaves the
+fleet view and its reservations expire: their quota comes back.
 """
 
 from __future__ import annotations
@@ -38,7 +44,8 @@ from .protocol import (
     MAX_FRAME, VERSION, FrameReader, decode, device_to_wire, encode, error_to_wire, parse_request, peer,
     request_id,
 )
-from .quota import Owner, QuotaLedger
+from .ledger import open_ledger
+from .quota import Owner
 from .scheduler import EmbeddedScheduler
 
 log = logging.getLogger("zerogpu.schedule.daemon")
@@ -51,6 +58,7 @@ SWEEP_EVERY = 2.0         # how often dead processes' leases are looked for
 OUTBOX = 1024             # frames waiting to be written to one client before it is dropped
 DRAIN_TIMEOUT = 1.0       # seconds a closing connection's writer has to send its last replies
 RECLAIM_GRACE = 30.0      # seconds past its duration after which a running lease is taken back
+NODE_TIMEOUT = 15.0       # seconds without a heartbeat after which a node's reservations expire
 
 
 def orphan(process: Owner) -> tuple[str, Owner]:
@@ -303,11 +311,16 @@ class Daemon:
         ledger_path: str | os.PathLike | None = None,
         heartbeat_timeout: float = HEARTBEAT_TIMEOUT,
         reclaim_grace: float = RECLAIM_GRACE,
+        node: str | None = None,
+        node_timeout: float = NODE_TIMEOUT,
     ) -> None:
+        """`ledger_path`: the SQLite file, or a postgresql:// URL (default: ZEROGPU_LEDGER, else the file
+        under ZEROGPU_DATA_DIR); `node`: this node's name in the fleet (default: the host name)."""
         self.socket_path = os.path.abspath(os.fspath(socket_path))
         self.heartbeat_timeout = heartbeat_timeout
         self.reclaim_grace = reclaim_grace
-        ledger = QuotaLedger(ledger_path, policy, holder=f"daemon:{self.socket_path}")
+        ledger = open_ledger(ledger_path, policy, holder=f"daemon:{self.socket_path}", node=node,
+                             lease_timeout=node_timeout)
         try:
             self.scheduler = EmbeddedScheduler(devices if devices is not None else discover(), ledger=ledger)
         except BaseException:
@@ -323,7 +336,16 @@ class Daemon:
     def start(self) -> None:
         """Bind the socket (refused if a daemon serves it), take over the previous run's leases, serve."""
         self._listener = bind(self.socket_path)
-        adopted = self.scheduler.adopt(self.scheduler.ledger.reservations(self.scheduler.ledger.holder), orphan)
+        ledger = self.scheduler.ledger
+        try:
+            ledger.register([device_to_wire(d) for d in self.scheduler.devices], self.scheduler.policy.large_per_gpu,
+                            socket_path=self.socket_path)
+        except BaseException:
+            self._listener.close()
+            os.unlink(self.socket_path)
+            raise
+        mine = [row for row in ledger.reservations(ledger.holder) if row.node in (ledger.node, "")]
+        adopted = self.scheduler.adopt(mine, orphan)
         if adopted:
             log.info("took over %d leases of live clients from the previous daemon", adopted)
         for target, name in ((self._accept, "zerogpu-accept"), (self._tend, "zerogpu-tend")):
@@ -370,7 +392,8 @@ class Daemon:
             clients = sorted(c.process.pid for c in self._connections)
         return {
             **self.scheduler.status(),
-            "daemon": {"pid": os.getpid(), "socket": self.socket_path, "clients": clients, "started": self.started},
+            "daemon": {"pid": os.getpid(), "socket": self.socket_path, "clients": clients, "started": self.started,
+                       "node": self.scheduler.ledger.node, "ledger": self.scheduler.ledger.where},
         }
 
     def reclaim(self) -> int:
@@ -385,12 +408,13 @@ class Daemon:
         for held in late:
             log.warning("lease %s of %s ran %g s past its duration: taking it back", held.lease.id, held.owner,
                         self.reclaim_grace)
-            if isinstance(held.owner, Connection):
-                held.owner.send({"op": "expired", "lease": held.lease.id})
             try:
                 self.scheduler.release(held.lease, used=held.lease.request.duration, charge=True)
             except SchedulerError:
-                pass  # released meanwhile
+                continue  # released meanwhile: nothing to tell
+            # Told once the lease is back, so a client that hears it finds the capacity free.
+            if isinstance(held.owner, Connection):
+                held.owner.send({"op": "expired", "lease": held.lease.id})
         return len(late)
 
     def _accept(self) -> None:
@@ -481,6 +505,8 @@ def serve(
     policy: Policy | None = None,
     ledger_path: str | os.PathLike | None = None,
     heartbeat_timeout: float = HEARTBEAT_TIMEOUT,
+    node: str | None = None,
+    node_timeout: float = NODE_TIMEOUT,
     ready: Callable[[Daemon], None] | None = None,
 ) -> None:
     """Run the node daemon until SIGTERM or SIGINT (`zerogpu serve`).
@@ -491,7 +517,8 @@ def serve(
     path = socket_path or settings.scheduler_socket()
     if not path:
         raise InvalidArgument("name the daemon's socket: pass a path or set ZEROGPU_SCHEDULER")
-    daemon = Daemon(path, policy=policy, ledger_path=ledger_path, heartbeat_timeout=heartbeat_timeout)
+    daemon = Daemon(path, policy=policy, ledger_path=ledger_path, heartbeat_timeout=heartbeat_timeout, node=node,
+                    node_timeout=node_timeout)
     stop = threading.Event()
     received: list[int] = []
     handlers = {}

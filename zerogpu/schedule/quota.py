@@ -1,86 +1,77 @@
-"""The quota ledger: GPU seconds used per identity per day, kept in SQLite.
+"""The quota ledger: GPU seconds used per identity per day, and the calls holding some now.
 
-One file (by default under zerogpu.settings.data_dir()) is shared by every
-scheduler of the machine: the node daemon and any embedded scheduler. Two
-tables:
+One interface, two engines: zerogpu.schedule.quota_sqlite keeps the ledger in
+a file every scheduler of one machine shares (the default);
+zerogpu.schedule.quota_postgres keeps it in PostgreSQL, which every node of a
+fleet shares (zerogpu.schedule.ledger opens the one a path or URL names).
+Both keep:
 
-- `usage`: one row per (user, tier, day) with the quota seconds charged.
-- `leases`: one row per admitted call that has not ended yet, holding its
-  reservation (the quota seconds it asked for) and, once placed, its device.
+- usage: the quota seconds charged per (user, tier, day);
+- reservations: one per admitted call that has not ended yet, holding the
+  quota seconds it asked for, its node, where it runs once placed, and an
+  expiry its ledger renews while the node lives;
+- charges: one per settled call, keyed by the ticket drawn at its admission,
+  so that a charge written twice (retried after an outage) counts once;
+- nodes: each node daemon, its GPUs and its last heartbeat.
 
-A call is admitted if used + reserved + its cost fits in the daily quota;
-its row is inserted in the same `BEGIN IMMEDIATE` transaction, so concurrent
-admissions, in threads or processes, cannot both take the last seconds. At
-the end its row is deleted and the time actually used is charged, again in
-one transaction. A row whose process died is removed without a charge (no
-one can tell how much of it was used).
+A call is admitted if used + reserved + its cost fits in the daily quota, in
+one transaction that no other admission of the same identity can interleave
+with. At the end its reservation is dropped and the time actually used is
+charged, to the day it was admitted on. Nothing is charged for a call that
+zerogpu failed. A reservation whose process died (on this node) or whose node
+stopped renewing it (any node) is dropped uncharged: no one can tell how much
+of it was used.
 
 Days are UTC days: each identity's quota comes back whole at 00:00 UTC.
-Durability: WAL with synchronous=NORMAL survives the crash of any process
-using the file; a power cut may lose the last charges.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 import secrets
-import sqlite3
+import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, TypeVar
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import psutil
 
-from .. import settings
+from .. import telemetry
 from ..errors import QuotaExceeded, SchedulerError
 from ..identity import APP_TIER, Identity
 from ..units import check_seconds
 from .policy import SIZE_WEIGHT, Policy
 
+log = logging.getLogger("zerogpu.schedule.quota")
+
 DAY = 86400.0
-T = TypeVar("T")
-
-BUSY_TIMEOUT = 10.0  # seconds a writer waits for another process to commit
-FILE_NAME = "quota.sqlite3"
 # Lease ids are random so that they stay unique across processes sharing the
-# file and across daemon restarts; 52 bits keep them exact in JSON.
+# ledger and across daemon restarts; 52 bits keep them exact in JSON.
 ID_BITS = 52
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS usage (
-    user TEXT NOT NULL,
-    tier TEXT NOT NULL,
-    day TEXT NOT NULL,
-    used REAL NOT NULL,
-    PRIMARY KEY (user, tier, day)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS leases (
-    id INTEGER PRIMARY KEY,
-    user TEXT NOT NULL,
-    tier TEXT NOT NULL,
-    day TEXT NOT NULL,
-    size TEXT NOT NULL,
-    duration REAL NOT NULL,
-    cost REAL NOT NULL,
-    device INTEGER,
-    slot INTEGER,
-    holder TEXT NOT NULL,
-    pid INTEGER NOT NULL,
-    pid_started REAL NOT NULL,
-    started REAL NOT NULL
-);
-"""
+# How long a reservation outlives the last renewal of its ledger. A node
+# daemon sets its own (its node timeout); an app's ledger renews every third of it.
+LEASE_TIMEOUT = 30.0
+CHARGES_KEPT_DAYS = 3  # charge records kept to recognise a retried charge
 
 
 def new_id() -> int:
     """A fresh random lease id."""
     return secrets.randbits(ID_BITS) or 1
+
+
+def new_ticket() -> int:
+    """A fresh random admission ticket (a lease id is reused by a warm worker's calls; a ticket never)."""
+    return secrets.randbits(62) or 1
+
+
+def node_name() -> str:
+    """This machine's name in the fleet: its host name."""
+    return socket.gethostname()
 
 
 @dataclass(frozen=True)
@@ -130,6 +121,9 @@ class Reservation:
     holder: str
     owner: Owner
     started: float
+    node: str = ""
+    expires: float = math.inf
+    ticket: int = 0
 
 
 @dataclass(frozen=True)
@@ -153,6 +147,26 @@ class Balance:
                 "left": None if unlimited else self.left}
 
 
+@dataclass(frozen=True)
+class Node:
+    """A node daemon as the ledger knows it: its GPUs (wire dicts), slices per GPU and heartbeat."""
+
+    name: str
+    devices: list[dict]
+    slices: int
+    heartbeat: float
+    timeout: float
+    socket: str = ""
+    pid: int = 0
+
+    def alive(self, now: float) -> bool:
+        return now - self.heartbeat <= self.timeout
+
+
+class LedgerUnreachable(SchedulerError):
+    """The ledger's server cannot be reached now; a charge that met this is written later."""
+
+
 def day_of(moment: float) -> str:
     """The UTC date of `moment`, as the ledger keys it."""
     return day_name(math.floor(moment / DAY))
@@ -168,130 +182,48 @@ def next_reset(moment: float) -> float:
     return (math.floor(moment / DAY) + 1) * DAY
 
 
-def default_path() -> Path:
-    return settings.data_dir() / FILE_NAME
+def charge_of(reservation: Reservation, used: float) -> float:
+    """The quota seconds a call used: its time up to the duration asked for, times its size's weight."""
+    return min(used, reservation.duration) * SIZE_WEIGHT[reservation.size]
 
 
-class QuotaLedger:
+class QuotaLedger(ABC):
     """Admits calls against their identity's daily quota and charges them at the end.
 
-    Thread-safe; several processes may open the same file. `holder` names the
-    scheduler whose leases these are (the daemon reloads its own on restart).
+    Thread-safe; several processes (SQLite: of one machine; PostgreSQL: of
+    any node) may share one ledger. `holder` names the scheduler whose leases
+    these are (the daemon reloads its own on restart); `node` the machine.
+    A thread renews this ledger's reservations every third of `lease_timeout`
+    and writes the charges an outage held back.
     """
+
+    where: str  # what the errors name: the file or the server
 
     def __init__(
         self,
-        path: str | Path | None = None,
         policy: Policy | None = None,
         *,
         holder: str = "embedded",
+        node: str | None = None,
         clock: Callable[[], float] = time.time,
+        lease_timeout: float = LEASE_TIMEOUT,
     ) -> None:
-        self.path = Path(path) if path is not None else default_path()
         self.policy = policy or Policy()
         self.holder = holder
+        self.node = node or node_name()
         self.clock = clock
-        self._lock = threading.Lock()
-        self._queued: list[Work] = []
-        self._queue_lock = threading.Lock()
-        self._db = self._open()
+        self.lease_timeout = check_seconds(lease_timeout, "lease_timeout", positive=True)
+        self._mine: dict[int, Reservation] = {}  # this ledger's calls not settled yet, by lease id
+        self._pending: list[tuple[Reservation, float | None]] = []  # settles an outage held back
+        self._registered: Node | None = None
+        self._state_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._renewer: threading.Thread | None = None
 
-    def _open(self) -> sqlite3.Connection:
-        db = None
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            # Create the file readable by its owner only; SQLite gives its
-            # -wal and -shm files the same mode.
-            os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))
-            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
-                                 timeout=BUSY_TIMEOUT)
-            # Rows are tiny: small pages make each commit write less, and a
-            # longer WAL between checkpoints syncs the file less often.
-            db.execute("PRAGMA page_size=1024")  # takes effect on a new file only
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.execute("PRAGMA wal_autocheckpoint=4000")
-            db.executescript(SCHEMA)
-            return db
-        except (OSError, sqlite3.Error) as error:
-            if db is not None:
-                db.close()
-            raise SchedulerError(
-                f"cannot open the quota ledger {self.path}: {error}; check that the folder is writable "
-                "or set ZEROGPU_DATA_DIR to one that is"
-            ) from error
-
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            if self._db is None:
-                raise SchedulerError("the quota ledger is closed")
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    yield self._db
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
-                self._db.execute("COMMIT")
-            except sqlite3.Error as error:
-                raise SchedulerError(f"the quota ledger {self.path} failed: {error}") from error
-
-    def _grouped(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        """Run `work(db)` in a write transaction shared with other threads' (group commit).
-
-        Threads that queue work while a transaction is being written find it
-        done by the next one: one BEGIN ... COMMIT for all of them, each in a
-        savepoint of its own, so that one failing leaves the others' in place.
-        A busy app thus pays one commit for many calls, where one each made
-        the threads queue up behind SQLite's write lock.
-        """
-        mine = Work(work)
-        with self._queue_lock:
-            self._queued.append(mine)
-        with self._lock:
-            if not mine.done:
-                with self._queue_lock:
-                    batch, self._queued = self._queued, []
-                self._write(batch)
-        return mine.outcome()
-
-    def _write(self, batch: list[Work]) -> None:
-        """One transaction for `batch`: each piece in a savepoint; all fail if the commit does."""
-        try:
-            if self._db is None:
-                raise SchedulerError("the quota ledger is closed")
-            self._db.execute("BEGIN IMMEDIATE")
-            for work in batch:
-                self._db.execute("SAVEPOINT work")
-                try:
-                    work.value = work.run(self._db)
-                except Exception as error:  # noqa: BLE001 - its caller gets it
-                    self._db.execute("ROLLBACK TO work")
-                    work.error = self._failure(error) if isinstance(error, sqlite3.Error) else error
-                self._db.execute("RELEASE work")
-            self._db.execute("COMMIT")
-        except BaseException as error:
-            if self._db is not None and self._db.in_transaction:
-                self._db.execute("ROLLBACK")
-            if isinstance(error, sqlite3.Error):
-                failure: BaseException = self._failure(error)
-            elif isinstance(error, SchedulerError):
-                failure = error
-            else:
-                failure = SchedulerError(f"writing the quota ledger was interrupted ({type(error).__name__})")
-            for work in batch:
-                work.value, work.error = None, failure
-            if not isinstance(error, (sqlite3.Error, SchedulerError)):
-                raise  # Ctrl-C and the like: this thread's caller hears of it too
-        finally:
-            for work in batch:
-                work.done = True
-
-    def _failure(self, error: sqlite3.Error) -> SchedulerError:
-        failure = SchedulerError(f"the quota ledger {self.path} failed: {error}")
-        failure.__cause__ = error
-        return failure
+    def start_renewing(self) -> None:
+        """Start the thread that renews reservations (engines call it once open)."""
+        self._renewer = threading.Thread(target=self._renew_loop, name="zerogpu-ledger-renew", daemon=True)
+        self._renewer.start()
 
     # -- calls ----------------------------------------------------------------
 
@@ -316,55 +248,29 @@ class QuotaLedger:
         swept = False
         while True:
             now = self.clock()
-            day = day_of(now)
-
-            def reserve(db: sqlite3.Connection) -> tuple[int | None, float, float, float]:
-                used, reserved = self._balance(db, identity, day)
-                if used + reserved + cost > limit:
-                    return None, used, reserved, self._last_end(db, identity, day)
-                return self._insert(db, lease_id, identity, day, size, duration, cost, owner, device, slot,
-                                    now), used, reserved, now
-
-            admitted, used, reserved, last_end = self._grouped(reserve)
-            if admitted is not None:
-                return admitted, limit - used - reserved
+            row = Reservation(
+                id=lease_id if lease_id is not None else new_id(), identity=identity, day=day_of(now), size=size,
+                duration=duration, cost=cost, device=device, slot=slot, holder=self.holder, owner=owner,
+                started=now, node=self.node, expires=now + self.lease_timeout, ticket=new_ticket(),
+            )
+            while True:
+                try:
+                    admitted, used, reserved = self._reserve(row, limit, now)
+                    break
+                except DuplicateLease:
+                    if lease_id is not None:
+                        raise SchedulerError(f"lease {lease_id} is already admitted") from None
+                    row = replace(row, id=new_id())
+            if admitted:
+                with self._state_lock:
+                    self._mine[row.id] = row
+                return row.id, limit - used - reserved
             # Reservations of processes that died count until swept: sweep once.
             if swept or not self.sweep():
+                telemetry.quota_refused(identity.tier)
+                last_end = self._last_end(identity, row.day)
                 raise self._refusal(identity, duration, size, cost, limit, used, reserved, now, last_end)
             swept = True
-
-    def _insert(self, db, lease_id, identity, day, size, duration, cost, owner, device, slot, now) -> int:
-        fixed = lease_id is not None
-        while True:
-            chosen = lease_id if fixed else new_id()
-            try:
-                db.execute(
-                    "INSERT INTO leases VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                    (chosen, identity.user, identity.tier, day, size, duration, cost, device, slot,
-                     self.holder, owner.pid, owner.started, now),
-                )
-                return chosen
-            except sqlite3.IntegrityError:
-                if fixed:
-                    raise SchedulerError(f"lease {lease_id} is already admitted") from None
-
-    @staticmethod
-    def _balance(db: sqlite3.Connection, identity: Identity, day: str) -> tuple[float, float]:
-        row = db.execute(
-            "SELECT coalesce((SELECT used FROM usage WHERE user=?1 AND tier=?2 AND day=?3), 0),"
-            " (SELECT total(cost) FROM leases WHERE user=?1 AND tier=?2 AND day=?3)",
-            (identity.user, identity.tier, day),
-        ).fetchone()
-        return row[0], row[1]
-
-    @staticmethod
-    def _last_end(db: sqlite3.Connection, identity: Identity, day: str) -> float:
-        """When the last running call of `identity` must have ended: its reservation is gone by then."""
-        row = db.execute(
-            "SELECT max(started + duration) FROM leases WHERE user=? AND tier=? AND day=?",
-            (identity.user, identity.tier, day),
-        ).fetchone()
-        return row[0] or 0.0
 
     def _refusal(self, identity, duration, size, cost, limit, used, reserved, now, last_end) -> QuotaExceeded:
         left = max(limit - used - reserved, 0.0)
@@ -393,121 +299,178 @@ class QuotaLedger:
     def place(self, lease_id: int, device: int, slot: int | None, new_id: int | None = None) -> None:
         """Record where a call that waited in the queue now runs (under `new_id` if given:
         a call served by a warm worker takes that worker's lease id)."""
-        with self._transaction() as db:
-            db.execute(
-                "UPDATE leases SET id=?, device=?, slot=? WHERE id=?",
-                (lease_id if new_id is None else new_id, device, slot, lease_id),
-            )
+        target = lease_id if new_id is None else new_id
+        self._place(lease_id, target, device, slot)
+        with self._state_lock:
+            row = self._mine.pop(lease_id, None)
+            if row is not None:
+                self._mine[target] = replace(row, id=target, device=device, slot=slot)
 
     def settle(self, lease_id: int, used: float | None) -> float:
         """End a call: drop its reservation and charge `used` seconds (None: no charge).
 
         The charge is the time used up to the duration asked for, times the
         size's weight; it goes to the day the call was admitted on. Returns it.
+        While the ledger's server is unreachable the charge is kept and
+        written when it is back (once: charges are keyed by ticket).
         """
         if used is not None:
             check_seconds(used, "used")
-        def charge(db: sqlite3.Connection) -> float:
-            row = db.execute(
-                "DELETE FROM leases WHERE id=? RETURNING user, tier, day, size, duration", (lease_id,)
-            ).fetchone()
-            if row is None or used is None:
-                return 0.0
-            user, tier, day, size, duration = row
-            seconds = min(used, duration) * SIZE_WEIGHT[size]
-            db.execute(
-                "INSERT INTO usage VALUES (?,?,?,?) ON CONFLICT DO UPDATE SET used = used + excluded.used",
-                (user, tier, day, seconds),
-            )
-            return seconds
+        with self._state_lock:
+            known = self._mine.pop(lease_id, None)
+        try:
+            return self._settle(lease_id, used, known)
+        except LedgerUnreachable as error:
+            if known is None:
+                raise
+            log.warning("%s; the end of lease %s is written when it is back", error, lease_id)
+            with self._state_lock:
+                self._pending.append((known, used))
+            return 0.0 if used is None else charge_of(known, used)
 
-        return self._grouped(charge)
+    def pending(self) -> int:
+        """How many ends of calls wait for the ledger's server to be back."""
+        with self._state_lock:
+            return len(self._pending)
 
     def reset(self, user: str | None = None) -> int:
         """Forget today's charges of `user` (every tier of it), or of every account; return how many had any.
 
         Reservations of calls running now stay: they are charged as usual when the calls end.
         """
-        day = day_of(self.clock())
-        with self._transaction() as db:
-            if user is None:
-                return db.execute("DELETE FROM usage WHERE day=?", (day,)).rowcount
-            return db.execute("DELETE FROM usage WHERE day=? AND user=?", (day, user)).rowcount
+        return self._reset(day_of(self.clock()), user)
 
-    # -- what is known ----------------------------------------------------------
+    def flush(self) -> int:
+        """Write the ends of calls an outage held back; return how many are still waiting."""
+        with self._state_lock:
+            waiting, self._pending = self._pending, []
+        left = []
+        for index, (row, used) in enumerate(waiting):
+            try:
+                self._settle(row.id, used, row)
+            except LedgerUnreachable:
+                left = waiting[index:]
+                break
+            except SchedulerError:
+                log.exception("could not write the end of lease %s", row.id)
+        with self._state_lock:
+            self._pending[:0] = left
+            return len(self._pending)
+
+    # -- nodes ------------------------------------------------------------------
+
+    def register(self, devices: list[dict], slices: int, *, socket_path: str = "") -> None:
+        """Enter this node in the fleet (its GPUs and slices); the renewal thread keeps it alive."""
+        node = Node(self.node, devices, slices, self.clock(), self.lease_timeout, socket_path, os.getpid())
+        self._write_node(node)
+        self._registered = node
+
+    def renew(self) -> None:
+        """Push back the expiry of this ledger's reservations, and this node's heartbeat."""
+        now = self.clock()
+        self._renew(now, now + self.lease_timeout)
+        if self._registered is not None:
+            self._registered = replace(self._registered, heartbeat=now)
+            self._write_node(self._registered)
+
+    def _renew_loop(self) -> None:
+        while not self._stop.wait(self.lease_timeout / 3):
+            try:
+                self.renew()
+                if self.pending():
+                    self.flush()
+            except SchedulerError as error:
+                log.warning("renewing the reservations failed: %s", error)
+            except Exception:
+                log.exception("renewing the reservations failed")
 
     def balance(self, identity: Identity) -> Balance:
         """How much of its quota `identity` has used, reserved and left today."""
-        with self._transaction() as db:
-            used, reserved = self._balance(db, identity, day_of(self.clock()))
+        used, reserved = self._balance(identity, day_of(self.clock()))
         return Balance(identity, self.policy.daily_quota[identity.tier], used, reserved)
 
     def balances(self) -> list[Balance]:
         """Every identity that used or reserved quota today, most used first."""
-        day = day_of(self.clock())
-        with self._transaction() as db:
-            rows = db.execute(
-                "SELECT user, tier, sum(used), sum(reserved) FROM ("
-                " SELECT user, tier, used, 0 AS reserved FROM usage WHERE day=?1"
-                " UNION ALL SELECT user, tier, 0, cost FROM leases WHERE day=?1)"
-                " GROUP BY user, tier ORDER BY sum(used) + sum(reserved) DESC, user",
-                (day,),
-            ).fetchall()
         return [
             Balance(Identity(user, tier), self.policy.daily_quota[tier], used, reserved)
-            for user, tier, used, reserved in rows
-        ]
-
-    def reservations(self, holder: str | None = None) -> list[Reservation]:
-        """Calls admitted and not ended, of one holder or of all."""
-        with self._transaction() as db:
-            if holder is None:
-                rows = db.execute("SELECT * FROM leases ORDER BY started").fetchall()
-            else:
-                rows = db.execute("SELECT * FROM leases WHERE holder=? ORDER BY started", (holder,)).fetchall()
-        return [
-            Reservation(
-                id=row[0], identity=Identity(row[1], row[2]), day=row[3], size=row[4], duration=row[5],
-                cost=row[6], device=row[7], slot=row[8], holder=row[9], owner=Owner(row[10], row[11]),
-                started=row[12],
-            )
-            for row in rows
+            for user, tier, used, reserved in self._balances(day_of(self.clock()))
+            if tier in self.policy.daily_quota
         ]
 
     def sweep(self) -> int:
-        """Remove, uncharged, the reservations of processes that are gone; return how many."""
-        with self._transaction() as db:
-            owners = db.execute("SELECT DISTINCT pid, pid_started FROM leases").fetchall()
-            removed = 0
-            for pid, started in owners:
-                if not Owner(pid, started).alive():
-                    removed += db.execute(
-                        "DELETE FROM leases WHERE pid=? AND pid_started=?", (pid, started)
-                    ).rowcount
-            return removed
+        """Drop, uncharged, reservations whose process is gone (this node) or that expired (any node);
+        forget nodes that stopped beating. Returns how many reservations went."""
+        return self._sweep(self.clock())
 
     def close(self) -> None:
-        with self._lock:
-            if self._db is not None:
-                self._db.close()
-                self._db = None
+        self._stop.set()
+        if self._renewer is not None and self._renewer is not threading.current_thread():
+            self._renewer.join(5)
+        if self.pending() and self.flush():
+            log.error("%d ends of calls could not be written to %s; their charges are lost",
+                      self.pending(), self.where)
+        if self._registered is not None:
+            try:
+                self._forget_node(self._registered.name)
+            except SchedulerError:
+                pass
+            self._registered = None
+        self._close()
+
+    # -- what an engine provides --------------------------------------------------------
+
+    @abstractmethod
+    def _reserve(self, row: Reservation, limit: float, now: float) -> tuple[bool, float, float]:
+        """Atomically: drop the identity's expired reservations, read used and reserved today,
+        and insert `row` if its cost fits under `limit`. Raises DuplicateLease."""
+
+    @abstractmethod
+    def _place(self, lease_id: int, target: int, device: int, slot: int | None) -> None: ...
+
+    @abstractmethod
+    def _settle(self, lease_id: int, used: float | None, known: Reservation | None) -> float:
+        """Drop the reservation; charge `used` (from its row, else from `known`) once per ticket."""
+
+    @abstractmethod
+    def _balance(self, identity: Identity, day: str) -> tuple[float, float]: ...
+
+    @abstractmethod
+    def _balances(self, day: str) -> list[tuple[str, str, float, float]]: ...
+
+    @abstractmethod
+    def _last_end(self, identity: Identity, day: str) -> float:
+        """When the last running call of `identity` must have ended (0 for none): its reservation is gone then."""
+
+    @abstractmethod
+    def _reset(self, day: str, user: str | None) -> int:
+        """Delete the usage of `day` (of `user` only, if given); return how many rows went."""
+
+    @abstractmethod
+    def reservations(self, holder: str | None = None) -> list[Reservation]:
+        """Calls admitted and not ended, of one holder or of all, oldest first."""
+
+    @abstractmethod
+    def nodes(self) -> list[Node]:
+        """The nodes whose heartbeat is recent enough, by name."""
+
+    @abstractmethod
+    def _sweep(self, now: float) -> int: ...
+
+    @abstractmethod
+    def _renew(self, now: float, expires: float) -> None: ...
+
+    @abstractmethod
+    def _write_node(self, node: Node) -> None: ...
+
+    @abstractmethod
+    def _forget_node(self, name: str) -> None: ...
+
+    @abstractmethod
+    def _close(self) -> None: ...
 
 
-class Work:
-    """A piece of a grouped write transaction, and what came of it."""
-
-    __slots__ = ("run", "done", "value", "error")
-
-    def __init__(self, run: Callable[[sqlite3.Connection], Any]) -> None:
-        self.run = run
-        self.done = False
-        self.value: Any = None
-        self.error: BaseException | None = None
-
-    def outcome(self) -> Any:
-        if self.error is not None:
-            raise self.error
-        return self.value
+class DuplicateLease(Exception):
+    """An engine's answer to a lease id already in the ledger."""
 
 
 def clock_time(seconds: float) -> str:

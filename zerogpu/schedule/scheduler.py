@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Hashable
 from itertools import count
 
-from .. import settings
+from .. import settings, telemetry
 from ..cuda.devices import Device, discover
 from ..errors import Cancelled, InvalidArgument, NoGPUAvailable, SchedulerError
 from ..identity import Identity
@@ -40,6 +40,7 @@ from .leases import (
 from .placement import Placement
 from .policy import Policy
 from .protocol import device_to_wire
+from .ledger import open_ledger
 from .quota import Owner, QuotaLedger, Reservation, new_id, next_reset, this_process
 
 __all__ = ["EmbeddedScheduler"]
@@ -71,7 +72,7 @@ class EmbeddedScheduler(Scheduler):
             )
         if ledger is not None and policy is not None and ledger.policy != policy:
             raise InvalidArgument("the scheduler and its quota ledger must share one policy")
-        self.ledger = ledger or QuotaLedger(policy=policy)
+        self.ledger = ledger or open_ledger(policy=policy)
         self.policy = self.ledger.policy
         self.clock = clock
         self._lock = threading.Lock()
@@ -79,7 +80,9 @@ class EmbeddedScheduler(Scheduler):
         self._waiters: dict[int, Waiter] = {}
         self._seq = count()
         self._closed = False
+        self._busy = [0.0] * len(self.devices)  # slice-seconds of calls that ended, per GPU
         self.ledger.sweep()
+        telemetry.watch(self)
 
     # -- the interface ----------------------------------------------------------
 
@@ -207,6 +210,7 @@ class EmbeddedScheduler(Scheduler):
             held = self._placement.held.get(lease.id)
             if held is None or held.state != RUNNING:
                 raise SchedulerError(f"lease {lease.id} is not running here: was it released twice?")
+            self._count_busy(held)
             held.state = RELEASING
         settled = False
         try:
@@ -247,6 +251,8 @@ class EmbeddedScheduler(Scheduler):
                 waiter.error = SchedulerError("the caller went away")
             held = [h for h in self._placement.held.values() if h.owner == owner]
             for h in held:
+                if h.state == RUNNING:
+                    self._count_busy(h)
                 self._placement.vacate(h)
             granted, evicted = self._schedule()
         for lease_id in [w.lease_id for w in waiting] + [h.lease.id for h in held if h.state == RUNNING]:
@@ -356,6 +362,23 @@ class EmbeddedScheduler(Scheduler):
             "resets_at": next_reset(wall),
             "policy": self.policy.describe(),
         }
+
+    def gauges(self) -> dict:
+        """For the metrics: leases held, calls waiting, and slice-seconds busy per GPU (a counter)."""
+        now = self.clock()
+        with self._lock:
+            busy = list(self._busy)
+            for held in self._placement.held.values():
+                if held.state == RUNNING:
+                    for device, _ in held.cells:
+                        busy[device] += max(now - held.since, 0.0)
+            return {"leases_held": len(self._placement.held), "waiting_calls": len(self._waiters),
+                    "busy_slot_seconds": {self.devices[i].index: seconds for i, seconds in enumerate(busy)}}
+
+    def _count_busy(self, held: Held) -> None:
+        now = self.clock()
+        for device, _ in held.cells:
+            self._busy[device] += max(now - held.since, 0.0)
 
     # -- placing calls (lock held) --------------------------------------------------------
 
