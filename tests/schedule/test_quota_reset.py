@@ -191,11 +191,14 @@ def as_nobody(script: str) -> subprocess.CompletedProcess:
     """Run `script` as uid 65534: zerogpu is imported as root first (the interpreter lives under /root)."""
     source = textwrap.dedent("""
         import os, sys
-        import zerogpu.cli, zerogpu.schedule.client, zerogpu.schedule.quota, zerogpu.schedule.policy
-        try:
-            import typer._adapters  # typer 0.29 imports it (and pydantic) at the first parse
-        except ImportError:
-            pass
+        import importlib.metadata  # pydantic's plugins look for entry points at typer's first parse
+        import zerogpu.cli, zerogpu.schedule.client, zerogpu.schedule.quota, zerogpu.schedule.quota_sqlite
+        import zerogpu.schedule.policy
+        for name in ("typer._adapters", "pydantic.plugin._loader"):  # imported by typer 0.29's first parse
+            try:
+                __import__(name)
+            except ImportError:
+                pass
         os.setgid(65534); os.setuid(65534)
     """) + textwrap.dedent(script)
     return subprocess.run([sys.executable, "-c", source], capture_output=True, text=True, timeout=60)
