@@ -24,12 +24,13 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 from datetime import date
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+
+from report import race
 
 TARGET = 2000
 
@@ -94,23 +95,7 @@ class Server:
 def rate(url: str, clients: int, pairs: int) -> float:
     procs = [subprocess.Popen([sys.executable, "-c", CLIENT, url, str(pairs), f"{clients}-{n}"],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for n in range(clients)]
-    try:
-        for proc in procs:
-            line = proc.stdout.readline().strip()
-            if line != "ready":
-                raise RuntimeError(f"a client did not start: {line!r}")
-        began = time.perf_counter()
-        for proc in procs:
-            proc.stdin.write("go\n")
-            proc.stdin.flush()
-        for proc in procs:
-            float(proc.stdout.readline())
-        return pairs * clients / (time.perf_counter() - began)
-    finally:
-        for proc in procs:
-            proc.stdin.close()
-            proc.wait(60)
-            proc.stdout.close()
+    return pairs * clients / race(procs, timeout=60)
 
 
 def main(argv: list[str] | None = None) -> int:

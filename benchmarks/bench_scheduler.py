@@ -54,7 +54,7 @@ from zerogpu.schedule.quota_sqlite import SQLiteLedger
 from zerogpu.schedule.leases import LeaseRequest, Waiter
 from zerogpu.schedule.scheduler import EmbeddedScheduler
 
-from report import command_line, console, machine, median, write_figures
+from report import command_line, console, machine, median, race, write_figures
 
 GPUS = 4
 ROOMY = Policy(daily_quota={tier: 1e12 for tier in TIERS})
@@ -147,21 +147,7 @@ def daemon_rate(daemon: DaemonProcess, pairs: int, clients: int) -> float:
     each = pairs // clients
     procs = [subprocess.Popen([sys.executable, "-c", CLIENT_LOOP, daemon.socket, str(each)],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for _ in range(clients)]
-    try:
-        for proc in procs:
-            assert proc.stdout.readline().strip() == "ready"
-        began = time.perf_counter()
-        for proc in procs:
-            proc.stdin.write("go\n")
-            proc.stdin.flush()
-        for proc in procs:
-            float(proc.stdout.readline())
-        return each * clients / (time.perf_counter() - began)
-    finally:
-        for proc in procs:
-            proc.stdin.close()
-            proc.wait(30)
-            proc.stdout.close()
+    return each * clients / race(procs, timeout=30)
 
 
 # -- the simulated workload -------------------------------------------------------------------

@@ -91,3 +91,28 @@ def command_line(argv: list[str] | None) -> str:
 def write_figures(path: Path, report: dict, out: Console) -> None:
     Path(path).write_text(json.dumps(report, indent=2))
     out.print(f"figures written to {path}")
+
+
+def race(procs: list, timeout: float = 60) -> float:
+    """Seconds for client processes to do their work, started together.
+
+    Each process prints "ready", waits for "go" on its stdin, works, then prints
+    one line. The processes are waited for however this ends.
+    """
+    try:
+        for proc in procs:
+            line = proc.stdout.readline().strip()
+            if line != "ready":
+                raise RuntimeError(f"a client did not start: {line!r}")
+        began = time.perf_counter()
+        for proc in procs:
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        for proc in procs:
+            float(proc.stdout.readline())
+        return time.perf_counter() - began
+    finally:
+        for proc in procs:
+            proc.stdin.close()
+            proc.wait(timeout)
+            proc.stdout.close()
