@@ -7,8 +7,10 @@ import os
 import pwd
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -231,3 +233,48 @@ def wait_until(condition, timeout: float = 30.0, step: float = 0.05):
         if value or time.monotonic() > deadline:
             return value
         time.sleep(step)
+
+
+# -- node daemons as processes --------------------------------------------------------------
+
+
+class ServeProcess:
+    """`zerogpu serve --socket SOCKET ARGS...` on emulated GPUs, in a process of its own.
+
+    Its log goes to a file beside the socket, shown when it fails to start.
+    """
+
+    def __init__(self, socket_path: str, args: list[str], *, gpus: int, env: dict | None = None) -> None:
+        self.socket = socket_path
+        self.args = args
+        self.env = {**os.environ, "ZEROGPU_BACKEND": "emulated", "ZEROGPU_EMULATED_GPUS": str(gpus), **(env or {})}
+        self.log = Path(socket_path).with_suffix(".log")
+        self.proc: subprocess.Popen | None = None
+
+    def start(self):
+        with open(self.log, "a") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "zerogpu.cli", "serve", "--socket", self.socket, *self.args],
+                stdout=subprocess.PIPE, stderr=log, text=True, env=self.env,
+            )
+        line = self.proc.stdout.readline()
+        assert line.startswith("ready"), f"the daemon on {self.socket} did not start: {line}{self.log.read_text()}"
+        return self
+
+    def client(self):
+        from zerogpu.schedule.client import DaemonClient
+
+        return DaemonClient(self.socket)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc.stdout.close()
+        self.proc = None

@@ -20,6 +20,7 @@ import psutil
 import pytest
 from rich.console import Console
 
+from conftest import ServeProcess
 from zerogpu.schedule import choice
 from zerogpu.schedule.client import DaemonClient
 from zerogpu.errors import Cancelled, InvalidArgument, NoGPUAvailable, QuotaExceeded, SchedulerError
@@ -42,44 +43,16 @@ def xlarge(who=PRO, duration=10.0, key=None):
     return LeaseRequest(who, duration, "xlarge", key)
 
 
-class Daemon:
+class Daemon(ServeProcess):
     """A node daemon process serving 4 emulated GPUs on a socket of its own."""
 
     def __init__(self, folder: str, *extra: str) -> None:
         self.folder = folder
-        self.socket = os.path.join(folder, "d.sock")
         self.ledger = os.path.join(folder, "quota.sqlite3")
-        self.extra = extra
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> Daemon:
-        env = {**os.environ, "ZEROGPU_BACKEND": "emulated", "ZEROGPU_EMULATED_GPUS": "4",
-               "ZEROGPU_DATA_DIR": self.folder}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "zerogpu.cli", "serve", "--socket", self.socket, "--ledger", self.ledger,
-             "--quota", "anonymous=600", "--quota", "free=600", "--quota", "pro=100000", *self.extra],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-        )
-        line = self.proc.stdout.readline()
-        assert line.startswith("ready"), f"the daemon did not start: {line}{self.proc.stderr.read()}"
-        return self
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc.stdout.close()
-        self.proc.stderr.close()
-        self.proc = None
-
-    def client(self) -> DaemonClient:
-        return DaemonClient(self.socket)
+        super().__init__(os.path.join(folder, "d.sock"),
+                         ["--ledger", self.ledger, "--quota", "anonymous=600", "--quota", "free=600",
+                          "--quota", "pro=100000", *extra],
+                         gpus=4, env={"ZEROGPU_DATA_DIR": folder})
 
 
 @pytest.fixture

@@ -11,10 +11,9 @@ import threading
 
 import pytest
 
-from conftest import wait_until
+from conftest import ServeProcess, wait_until
 from zerogpu.errors import QuotaExceeded, SchedulerError
 from zerogpu.identity import Identity
-from zerogpu.schedule.client import DaemonClient
 from zerogpu.schedule.ledger import open_ledger
 from zerogpu.schedule.leases import LeaseRequest
 
@@ -25,44 +24,15 @@ NODE_TIMEOUT = 3.0
 pytestmark = pytest.mark.slow  # each test starts two daemons
 
 
-class Node:
+class Node(ServeProcess):
     """`zerogpu serve --node NAME --ledger URL` on 2 emulated GPUs, in a process of its own."""
 
     def __init__(self, folder, name: str, url: str) -> None:
         self.name = name
         self.url = url
-        self.socket = str(folder / f"{name}.sock")
-        self.log = folder / f"{name}.log"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> Node:
-        env = {**os.environ, "ZEROGPU_BACKEND": "emulated", "ZEROGPU_EMULATED_GPUS": "2"}
-        with open(self.log, "a") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "zerogpu.cli", "serve", "--socket", self.socket, "--ledger", self.url,
-                 "--node", self.name, "--node-timeout", str(NODE_TIMEOUT), "--quota", "free=200",
-                 "--quota", "pro=100000"],
-                stdout=subprocess.PIPE, stderr=log, text=True, env=env,
-            )
-        line = self.proc.stdout.readline()
-        assert line.startswith("ready"), f"{self.name} did not start: {line}{self.log.read_text()}"
-        return self
-
-    def client(self) -> DaemonClient:
-        return DaemonClient(self.socket)
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc.stdout.close()
-        self.proc = None
+        super().__init__(str(folder / f"{name}.sock"),
+                         ["--ledger", url, "--node", name, "--node-timeout", str(NODE_TIMEOUT),
+                          "--quota", "free=200", "--quota", "pro=100000"], gpus=2)
 
 
 @pytest.fixture
