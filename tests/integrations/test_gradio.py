@@ -58,12 +58,17 @@ def test_progress_and_toasts_from_the_worker_reach_the_visitor_in_order(server):
     # The toasts, in the order the function showed them, between the bar's steps.
     assert logs(collected) == [("starting", "info"), ("halfway", "warning"), ("finished", "info")]
     steps = progress(collected)
-    assert steps[0] == ("stepping", 0, 4) and steps[-1] == ("stepping", 4, 4)
+    assert steps[0] == ("stepping", 0, 4)
     assert [index for _, index, _ in steps] == sorted(index for _, index, _ in steps)
+    # Gradio sends the bar on its own clock (a step may be skipped, the last overtaken by the
+    # result) but each toast at once: every bar seen before a toast is at or before the step the
+    # function showed it at, and every bar seen after it at or past that step.
     events = [("log", u.log[0]) if getattr(u, "log", None) else ("bar", u.progress_data[-1].index)
               for u in collected if getattr(u, "log", None) or getattr(u, "progress_data", None)]
-    assert events.index(("log", "halfway")) > events.index(("bar", 1))
-    assert events.index(("log", "finished")) > events.index(("bar", 3))
+    for toast, step in [("halfway", 1), ("finished", 4)]:
+        at = events.index(("log", toast))
+        assert all(index <= step for kind, index in events[:at] if kind == "bar"), events
+        assert all(index >= step for kind, index in events[at:] if kind == "bar"), events
 
 
 def test_tqdm_tracked_by_gr_progress_reaches_the_visitor(server):
