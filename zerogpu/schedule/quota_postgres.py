@@ -190,14 +190,21 @@ class PostgresLedger(QuotaLedger):
         else:
             self._pool.put(db)
 
-    def _run(self, work: Callable[[Any], Any]) -> Any:
+    def _run(self, work: Callable[[Any], Any], *, one_statement: bool = True) -> Any:
         """`work(connection)` in one transaction. A broken connection empties the pool (the server
-        restarted since they were opened, so they all are) and the work is tried once more on a new one."""
+        restarted since they were opened, so they all are) and the work is tried once more on a new one.
+
+        Work of one statement runs as the statement's own transaction (the connections autocommit):
+        an explicit BEGIN and COMMIT would be two more round trips for every admission and charge.
+        """
         psycopg = self._psycopg
         for attempt in (1, 2):
             try:
-                with self._connection() as db, db.transaction():
-                    return work(db)
+                with self._connection() as db:
+                    if one_statement:
+                        return work(db)
+                    with db.transaction():
+                        return work(db)
             except psycopg.errors.UniqueViolation as error:
                 raise DuplicateLease(str(error)) from None
             except psycopg.OperationalError as error:
@@ -316,7 +323,7 @@ class PostgresLedger(QuotaLedger):
             db.execute("DELETE FROM zerogpu_charges WHERE day < %s", (day_of(now - CHARGES_KEPT_DAYS * DAY),))
             return removed
 
-        return self._run(sweep)
+        return self._run(sweep, one_statement=False)
 
     def _renew(self, now: float, expires: float) -> None:
         self._run(lambda db: db.execute(
