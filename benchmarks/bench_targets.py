@@ -22,17 +22,24 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import atexit
 import json
 import multiprocessing
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
 os.environ.setdefault("ZEROGPU_BACKEND", "emulated")
 os.environ.setdefault("ZEROGPU_EMULATED_GPUS", "4")
 os.environ.setdefault("ZEROGPU_QUOTA", "anonymous=1e9")
+if "ZEROGPU_DATA_DIR" not in os.environ:
+    # A quota ledger of its own, empty: one left by earlier runs would hold their charges.
+    os.environ["ZEROGPU_DATA_DIR"] = tempfile.mkdtemp(prefix="zerogpu-bench-")
+    atexit.register(shutil.rmtree, os.environ["ZEROGPU_DATA_DIR"], True)
 
 from report import command_line, machine, median, write_figures  # noqa: E402
 

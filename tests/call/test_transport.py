@@ -800,6 +800,43 @@ def test_a_frame_that_times_out_half_read_completes_on_the_next_recv():
         right.close()
 
 
+def test_frames_sent_together_arrive_whole_and_in_order(channels):
+    parent_end, worker_end = channels
+    blob = os.urandom(3 * MiB)  # past the read-ahead and SMALL_FRAME: read straight into its own buffer
+    worker_end.send_many(["first", {"second": 2}], to_device=False)
+    assert parent_end.recv(timeout=1) == "first"
+    # The rest of what one read took is kept: the socket has no more to say about the second frame.
+    assert parent_end.buffered()
+    assert parent_end.recv(timeout=0) == {"second": 2}
+    payloads = [dumps(value, to_device=False) for value in ("third", blob, "last")]
+    sender = threading.Thread(target=worker_end.send_bytes, args=payloads)  # more than a socket buffer holds
+    sender.start()
+    assert [parent_end.recv(timeout=5) for _ in range(3)] == ["third", blob, "last"]
+    sender.join()
+    assert not parent_end.buffered()
+    with pytest.raises(TimeoutError):
+        parent_end.recv(timeout=0)
+
+
+def test_a_message_that_cannot_be_pickled_sends_none_of_its_group(channels):
+    parent_end, worker_end = channels
+    with pytest.raises(SerializationError):
+        worker_end.send_many(["fine", threading.Lock()], to_device=False)
+    worker_end.send("after", to_device=False)
+    assert parent_end.recv(timeout=1) == "after"
+
+
+def test_eof_after_frames_sent_together_comes_after_them():
+    left, right = socket.socketpair()
+    with Channel(left) as channel:
+        frames = b"".join(struct.pack("<Q", len(p)) + p for p in (dumps(n, to_device=False) for n in (1, 2)))
+        right.sendall(frames + struct.pack("<Q", 100) + b"x" * 10)
+        right.close()
+        assert channel.recv(timeout=1) == 1 and channel.recv(timeout=1) == 2
+        with pytest.raises(EOFError, match="10 of the 100 bytes of its payload"):
+            channel.recv(timeout=1)
+
+
 def test_large_frames_cross_the_socket_in_both_directions(channels):
     parent_end, worker_end = channels
     blob = os.urandom(8 * MiB)  # not a tensor: it travels inside the frame

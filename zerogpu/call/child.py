@@ -247,30 +247,37 @@ class Emitter:
 def run(channel: transport.Channel, fn: Callable, args: tuple, kwargs: dict) -> None:
     """Step 6 and 7: run the user's function and send back what it returns, yields or raises."""
     started = time.monotonic()
-    finished = None
     try:
         if inspect.isasyncgenfunction(fn):
             stream(channel, iterate_async(fn(*args, **kwargs)))
         elif inspect.iscoroutinefunction(fn):
             value = asyncio.run(fn(*args, **kwargs))
             finished = time.monotonic()
-            reply(channel, ("return", value))
+            reply(channel, ("return", value), done(started, finished))
+            return
         elif inspect.isgeneratorfunction(fn):
             stream(channel, fn(*args, **kwargs))
         else:
             value = fn(*args, **kwargs)
             finished = time.monotonic()
-            reply(channel, ("return", value))
+            reply(channel, ("return", value), done(started, finished))
+            return
     except SystemExit as exc:
         channel.send(("exit", exit_code(exc)), to_device=False)
         raise
     except MemoryError as exc:
         send_memory_error(channel, exc)
     except Exception as exc:  # noqa: BLE001 - the caller gets it back
-        channel.send(("raise", transport.capture_exception(exc)), to_device=False)
-    # `finished` is when the function returned, so the parent can time the return alone.
-    finished = finished or time.monotonic()
-    channel.send(("done", {"run_s": finished - started, "finished": finished}), to_device=False)
+        channel.send_many([("raise", transport.capture_exception(exc)), done(started, time.monotonic())],
+                          to_device=False)
+        return
+    channel.send(done(started, time.monotonic()), to_device=False)
+
+
+def done(started: float, finished: float) -> tuple:
+    """The last message of a call. `finished` is when the function returned, so the parent can
+    time the return alone."""
+    return ("done", {"run_s": finished - started, "finished": finished})
 
 
 def send_memory_error(channel: transport.Channel, exc: MemoryError) -> None:
@@ -295,12 +302,13 @@ def exit_code(exc: SystemExit) -> int:
     return exc.code if isinstance(exc.code, int) else 1
 
 
-def reply(channel: transport.Channel, message: tuple) -> None:
-    """Send a value; one that cannot be pickled becomes the caller's SerializationError."""
+def reply(channel: transport.Channel, message: tuple, last: tuple) -> None:
+    """Send a value and the call's last message, together; a value that cannot be pickled becomes
+    the caller's SerializationError."""
     try:
-        channel.send(message, to_device=False)
+        channel.send_many([message, last], to_device=False)
     except SerializationError as exc:
-        channel.send(("raise", transport.capture_exception(exc)), to_device=False)
+        channel.send_many([("raise", transport.capture_exception(exc)), last], to_device=False)
 
 
 def stream(channel: transport.Channel, generator: Iterator) -> None:

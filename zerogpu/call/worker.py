@@ -209,8 +209,8 @@ class Worker:
         with self._sending:
             self.channel.send(obj, to_device=True)
 
-    def send_bytes(self, payload: bytes) -> None:
-        """Send a pickled message; one larger than a socket's buffer goes from a thread of its own.
+    def send_bytes(self, *payloads: bytes) -> None:
+        """Send pickled messages, in one write; ones larger than a socket's buffer go from a thread of their own.
 
         The worker reads its arguments only once it has attached and restored:
         a blocking send of a large payload would keep the caller from its
@@ -218,21 +218,21 @@ class Worker:
         in `receive` instead, bounded by the deadline; killing the worker ends
         the send.
         """
-        if len(payload) <= SEND_AT_ONCE:
+        if sum(len(payload) for payload in payloads) <= SEND_AT_ONCE:
             with self._sending:
-                self.channel.send_bytes(payload)
+                self.channel.send_bytes(*payloads)
             return
         self._sending.acquire()
         try:
-            threading.Thread(target=self._send_in_background, args=(payload,), name="zerogpu-send",
+            threading.Thread(target=self._send_in_background, args=payloads, name="zerogpu-send",
                              daemon=True).start()
         except BaseException:
             self._sending.release()
             raise
 
-    def _send_in_background(self, payload: bytes) -> None:
+    def _send_in_background(self, *payloads: bytes) -> None:
         try:
-            self.channel.send_bytes(payload)
+            self.channel.send_bytes(*payloads)
         except (EOFError, OSError):
             pass  # the worker died or was killed: `receive` reports it
         finally:
@@ -249,6 +249,13 @@ class Worker:
             self._selector.register(self.channel.fileno(), selectors.EVENT_READ, "channel")
             self._selector.register(self.pidfd, selectors.EVENT_READ, "exit")
         while True:
+            if self.channel.buffered():  # a frame sent together with the last one may be here already
+                try:
+                    return self.channel.recv(timeout=0)
+                except (EOFError, ConnectionError):
+                    return self._channel_ended(deadline)
+                except TimeoutError:
+                    pass  # part of a frame: wait for the rest
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
             events = self._selector.select(timeout)
             if not events:

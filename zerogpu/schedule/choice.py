@@ -21,6 +21,9 @@ _instance_lock = threading.Lock()
 def scheduler() -> Scheduler:
     """The scheduler of this process: the node daemon's client or an embedded one."""
     global _instance, _instance_pid
+    chosen = _instance  # every call asks: the common case takes no lock
+    if chosen is not None and _instance_pid == os.getpid():
+        return chosen
     with _instance_lock:
         # A forked process must not use its parent's locks, sockets or database handle.
         if _instance is None or _instance_pid != os.getpid():

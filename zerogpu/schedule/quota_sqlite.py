@@ -147,20 +147,18 @@ class SQLiteLedger(QuotaLedger):
         return mine.outcome()
 
     def _write(self, batch: list[Work]) -> None:
-        """One transaction for `batch`: each piece in a savepoint; all fail if the commit does."""
+        """One transaction for `batch`: each piece in a savepoint (when there are several); all fail if the
+        commit does."""
         try:
             if self._db is None:
                 raise SchedulerError("the quota ledger is closed")
             self._db.execute("BEGIN IMMEDIATE")
+            # Alone in its transaction, a piece needs no savepoint: its failure rolls back all there is.
+            alone = len(batch) == 1
             for work in batch:
-                self._db.execute("SAVEPOINT work")
-                try:
-                    work.value = work.run(self._db)
-                except Exception as error:  # noqa: BLE001 - its caller gets it
-                    self._db.execute("ROLLBACK TO work")
-                    work.error = self._failure(error) if isinstance(error, sqlite3.Error) else error
-                self._db.execute("RELEASE work")
-            self._db.execute("COMMIT")
+                self._apply(work, savepoint=not alone)
+            if self._db.in_transaction:
+                self._db.execute("COMMIT")
         except BaseException as error:
             if self._db is not None and self._db.in_transaction:
                 self._db.execute("ROLLBACK")
@@ -177,6 +175,17 @@ class SQLiteLedger(QuotaLedger):
         finally:
             for work in batch:
                 work.done = True
+
+    def _apply(self, work: Work, *, savepoint: bool) -> None:
+        if savepoint:
+            self._db.execute("SAVEPOINT work")
+        try:
+            work.value = work.run(self._db)
+        except Exception as error:  # noqa: BLE001 - its caller gets it
+            self._db.execute("ROLLBACK TO work" if savepoint else "ROLLBACK")
+            work.error = self._failure(error) if isinstance(error, sqlite3.Error) else error
+        if savepoint:
+            self._db.execute("RELEASE work")
 
     def _failure(self, error: sqlite3.Error) -> SchedulerError:
         failure = SchedulerError(f"the quota ledger {self.path} failed: {error}")
