@@ -15,6 +15,7 @@ import tempfile
 import textwrap
 import threading
 import time
+from types import SimpleNamespace
 
 import psutil
 import pytest
@@ -774,4 +775,44 @@ def test_the_daemon_takes_back_a_lease_past_its_duration(folder, monkeypatch):
         assert not late["ok"]
     finally:
         sock.close()
+        node.stop()
+
+
+def test_a_call_whose_lease_the_daemon_takes_back_ends_and_its_worker_is_killed(folder, monkeypatch):
+    from zerogpu.schedule.daemon import Daemon as NodeDaemon
+
+    monkeypatch.setenv("ZEROGPU_BACKEND", "emulated")
+    monkeypatch.setenv("ZEROGPU_DATA_DIR", folder)
+    node = NodeDaemon(os.path.join(folder, "n.sock"), ledger_path=os.path.join(folder, "q.sqlite3"),
+                      reclaim_grace=0.5)
+    node.start()
+    # The caller's own grace is far longer than the daemon's: only the daemon ends this call.
+    script = run_script(SimpleNamespace(socket=node.socket_path), """
+        import os, time, zerogpu
+        zerogpu.enable()
+
+        @zerogpu.GPU(duration=1)
+        def stuck():
+            print(os.getpid(), flush=True)
+            time.sleep(600)
+
+        try:
+            stuck()
+        except zerogpu.CallTimeout as error:
+            print("CallTimeout:", error, flush=True)
+    """, env={"ZEROGPU_TIMEOUT_GRACE": "300", "ZEROGPU_IDLE_TIMEOUT": "0"})
+    try:
+        worker_pid = int(script.stdout.readline())
+        outcome = script.stdout.readline()
+        assert "took its GPU back, so its worker was killed" in outcome, outcome
+        assert "@zerogpu.GPU(duration=...)" in outcome
+        assert script.wait(60) == 0
+        assert not running(worker_pid)
+        assert node.status()["leases"] == []
+        # Charged its full duration by the daemon, once: the caller's release adds nothing.
+        (account,) = [row for row in node.status()["quota"] if row["tier"] == "app"]
+        assert account["used"] == pytest.approx(1.0)
+    finally:
+        script.kill()
+        script.wait()
         node.stop()

@@ -129,6 +129,7 @@ class Call:
         self.deadline: float | None = None
         self.stage = "queue"
         self.charge = True
+        self.reclaimed = False  # the scheduler took the lease back: the call ran past its duration
         self.clean = False
         self.complete = False
         self.ended = False
@@ -156,6 +157,7 @@ class Call:
             with self.queue_notices():
                 self.lease = scheduler().acquire(request, timeout=self.queue_timeout, cancel=self.cancel_event)
             self.granted = time.monotonic()
+            scheduler().on_reclaim(self.lease, self.reclaim)
             self.phases["queue"] = self.granted - asked
             self.deadline = self.granted + self.duration + self.grace
             if self.lease.warm:
@@ -261,6 +263,8 @@ class Call:
                     continue
                 raise self.timed_out() from None
             if isinstance(message, worker.Exited):
+                if self.reclaimed:
+                    raise self.taken_back()
                 if self.warm and not self.running and not self.cancelled:
                     self.hand_over_again()  # it died while idle, before it took the call
                     continue
@@ -327,6 +331,20 @@ class Call:
         return CallTimeout(
             f"{self.task.name} ran past its duration of {limit} and its worker was killed; "
             f"ask for more time with {self.task.decorator}(duration=...)"
+        )
+
+    def reclaim(self) -> None:
+        """The scheduler took the lease back, past the call's duration and grace: the worker goes now.
+
+        From the scheduler's thread; the thread reading the call's messages sees the worker's end."""
+        self.reclaimed = True
+        if self.worker is not None and not self.ended:
+            self.worker.interrupt()
+
+    def taken_back(self) -> Exception:
+        return CallTimeout(
+            f"{self.task.name} ran past its duration of {self.duration:g} s and the node daemon took its GPU "
+            f"back, so its worker was killed; ask for more time with {self.task.decorator}(duration=...)"
         )
 
     def crashed(self, exited: worker.Exited, outcome: tuple | None) -> Exception:

@@ -182,6 +182,7 @@ class DaemonClient(Scheduler):
         self._parks: dict[int, Callable[[], None]] = {}
         self._unsent: list[dict] = []
         self._reclaimed: set[int] = set()  # leases the daemon took back past their duration
+        self._on_reclaim: dict[int, Callable[[], None]] = {}  # lease id -> what kills its call's worker
         self._closed = False
         self._pid = os.getpid()
         clients.add(self)
@@ -228,6 +229,7 @@ class DaemonClient(Scheduler):
                 park: Callable[[], None] | None = None) -> None:
         check_seconds(used, "used")
         with self._lock:
+            self._on_reclaim.pop(lease.id, None)
             if lease.id in self._reclaimed:
                 self._reclaimed.discard(lease.id)
                 return  # the daemon has it back already, charged
@@ -304,16 +306,25 @@ class DaemonClient(Scheduler):
         if park is not None:
             run_park(park, None)
 
+    def on_reclaim(self, lease: Lease, callback: Callable[[], None]) -> None:
+        with self._lock:
+            if lease.id in self._links_of:
+                self._on_reclaim[lease.id] = callback
+
     def expired(self, lease_id: object) -> None:
-        """The daemon took back a lease that ran past its duration and grace: it is no longer ours."""
+        """The daemon took back a lease that ran past its duration and grace: it is no longer ours,
+        and the worker of the call that held it is killed."""
         if not isinstance(lease_id, int):
             return
         with self._lock:
             if self._links_of.pop(lease_id, None) is None:
                 return
             park = self._parks.pop(lease_id, None)
+            reclaimed = self._on_reclaim.pop(lease_id, None)
             self._reclaimed.add(lease_id)
         log.warning("the node daemon took back lease %s, which ran past its duration", lease_id)
+        if reclaimed is not None:
+            reclaimed()
         if park is not None:
             threading.Thread(target=run_park, args=(park, None), name="zerogpu-evict", daemon=True).start()
 

@@ -74,6 +74,14 @@ class Scheduler(ABC):
         held, when the capacity is wanted, and must kill that worker.
         """
 
+    def on_reclaim(self, lease: Lease, callback: Callable[[], None]) -> None:
+        """Call `callback()` if the scheduler takes back the running `lease` (it ran past its duration
+        and grace): the call's worker must then go at once. Forgotten when the lease is released.
+
+        An embedded scheduler never takes a running lease back (the call enforces its own deadline);
+        the node daemon does, for a client that keeps a lease past it.
+        """
+
     @abstractmethod
     def drop(self, lease: Lease, *, park: Callable[[], None] | None = None) -> None:
         """Return a parked lease whose worker is gone; a no-op if it is no longer parked.
