@@ -62,7 +62,8 @@ class Snapshot:
         # closing drops this reference and the mapping goes with the last view. The mmap
         # is never closed explicitly: that would unmap memory that live tensors still view.
         self._segment: mmap.mmap | None = segment
-        self._unlink = weakref.finalize(self, unlink_if_owner, name, os.getpid() if owner else None)
+        self._owner = os.getpid() if owner else None
+        self._unlink = weakref.finalize(self, unlink_if_owner, name, self._owner)
 
     # ---- making one
 
@@ -209,6 +210,15 @@ class Snapshot:
         """
         safetensors_io.save(self.entries, self.tensors(), path)
 
+
+    def unlink(self) -> None:
+        """In the owner: remove the segment's name now, keeping its memory mapped here and in the
+        processes forked from here, for as long as a view of it lives.
+
+        Nothing is left in /dev/shm then, whatever ends this process (SIGKILL, a power cut of a
+        container's namespace); but no other process can attach the snapshot any more.
+        """
+        unlink_if_owner(self.name, self._owner)
 
     def close(self) -> None:
         """Unmap (once the last view of it is gone) and, in the owner, unlink the name."""
