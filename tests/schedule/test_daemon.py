@@ -291,6 +291,7 @@ def test_a_client_with_a_heartbeat_keeps_its_leases(folder):
         lease = holder.acquire(large(), timeout=0)
         time.sleep(2.5)
         holder.release(lease, used=2.5)  # still held: the release is accepted
+        holder.status()  # answered once the release before it on this connection is done
         watcher = daemon.client()
         assert watcher.status()["leases"] == []
         assert [e["used"] for e in watcher.status()["quota"] if e["user"] == "grace"] == [2.5]
@@ -708,22 +709,36 @@ def test_a_client_that_stops_reading_delays_no_other(folder):
         daemon.stop()
 
 
+def all_threads_stopped(pid: int) -> bool:
+    states = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/stat") as stat:
+            states.append(stat.read().rpartition(")")[2].split()[0])
+    return all(state == "T" for state in states)
+
+
+def fill(path: str, fillers: list) -> None:
+    """Connect to `path` without blocking until its listen backlog refuses one more."""
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            sock.connect(path)
+        except BlockingIOError:
+            sock.close()
+            return
+        fillers.append(sock)
+
+
 def test_connecting_while_the_backlog_is_full_waits_and_busy_says_so(daemon):
     daemon.proc.send_signal(signal.SIGSTOP)  # accepts nothing: the listen backlog fills
-    # The signal lands asynchronously: a daemon still running would accept a filler and leave room.
-    while psutil.Process(daemon.proc.pid).status() != psutil.STATUS_STOPPED:
+    # The signal lands asynchronously, thread by thread: a thread still running (its accepting
+    # one, woken by a filler) would take a connection and leave room.
+    while not all_threads_stopped(daemon.proc.pid):
         time.sleep(0.01)
     fillers = []
     try:
-        while True:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.setblocking(False)
-            try:
-                sock.connect(daemon.socket)
-            except BlockingIOError:
-                sock.close()
-                break
-            fillers.append(sock)
+        fill(daemon.socket, fillers)
         with pytest.raises(SchedulerError, match="busy"):
             DaemonClient(daemon.socket, connect_timeout=0.5)
         # Room comes while it waits: it connects instead of telling to start a daemon.
