@@ -217,9 +217,7 @@ def test_bad_arguments_as_a_process(env):
 @pytest.mark.parametrize("moment", [
     "zerogpu: packing",
     "zerogpu: cold call 2/",
-    # Once in three clean runs the bench exited 1, not 130, when interrupted here; not yet understood.
-    pytest.param("zerogpu: warm call 2/", marks=pytest.mark.xfail(
-        strict=False, reason="an interrupt during the interleaved warm round sometimes exits 1")),
+    "zerogpu: warm call 2/",
     "copy engine: register restore 1/",
     "alternatives: load_file per call 1/",
 ])
@@ -245,7 +243,7 @@ def test_ctrl_c_leaves_nothing_behind(env, moment):
     assert rest.splitlines()[-1] == "zerogpu bench: interrupted; its workers, shared memory and files are gone"
     assert segments_of(bench_process.pid) == []
     assert list(env.scratch.iterdir()) == []
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + HANG_GUARD  # a guard against a hang, not a bound on speed
     while any(psutil.pid_exists(pid) for pid in workers) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not any(psutil.pid_exists(pid) for pid in workers)

@@ -80,6 +80,37 @@ def test_a_large_argument_to_a_worker_stalled_in_restore_ends_at_the_deadline(gp
     assert isinstance(outcome.get("error"), zerogpu.RestoreError), outcome
 
 
+@pytest.mark.parametrize("started", [True, False], ids=["after-the-thread-started", "before-it-started"])
+def test_an_interrupt_while_a_large_argument_starts_sending_releases_the_channel_once(monkeypatch, started):
+    import socket
+
+    from zerogpu.call.channel import Channel
+    from zerogpu.call.worker import SEND_AT_ONCE, Worker
+
+    left, right = socket.socketpair()
+    worker = Worker(pid=os.getpid(), channel=Channel(left), pidfd=-1, key="k")
+    start = threading.Thread.start
+
+    def interrupted(thread):
+        # Ctrl-C lands in Thread.start: once the new thread runs (it may finish first), or before.
+        if started:
+            start(thread)
+            thread.join()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(threading.Thread, "start", interrupted)
+    payload = b"x" * (SEND_AT_ONCE + 1)
+    with pytest.raises(KeyboardInterrupt):  # and no "release unlocked lock" in its place
+        worker.send_bytes(payload)
+    monkeypatch.undo()
+    assert worker._sending.acquire(blocking=False), "the channel stays taken after the interrupt"
+    worker._sending.release()
+    if started:
+        assert Channel(right).recv_bytes(timeout=5) == payload
+    left.close()
+    right.close()
+
+
 # -- nothing a worker starts outlives its call ------------------------------------------
 
 

@@ -223,20 +223,26 @@ class Worker:
                 self.channel.send_bytes(*payloads)
             return
         self._sending.acquire()
+        # Whoever takes `release` first gives `_sending` back: the thread when it is done, or this
+        # caller if starting it failed or was interrupted (Ctrl-C lands in Thread.start, which may
+        # or may not have started the thread by then).
+        release = threading.Lock()
         try:
-            threading.Thread(target=self._send_in_background, args=payloads, name="zerogpu-send",
+            threading.Thread(target=self._send_in_background, args=(release, *payloads), name="zerogpu-send",
                              daemon=True).start()
         except BaseException:
-            self._sending.release()
+            if release.acquire(blocking=False):
+                self._sending.release()
             raise
 
-    def _send_in_background(self, *payloads: bytes) -> None:
+    def _send_in_background(self, release: threading.Lock, *payloads: bytes) -> None:
         try:
             self.channel.send_bytes(*payloads)
         except (EOFError, OSError):
             pass  # the worker died or was killed: `receive` reports it
         finally:
-            self._sending.release()
+            if release.acquire(blocking=False):
+                self._sending.release()
 
     def receive(self, deadline: float | None) -> Any:
         """The worker's next message; `Exited` if it died; TimeoutError past the deadline.
