@@ -63,7 +63,7 @@ def no_leaks(request):
     if request.node.get_closest_marker("allow_leaks"):
         return
     # Give processes that were killed at the very end of a test a moment to go.
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 60
     while (children := live_children()) and time.monotonic() < deadline:
         time.sleep(0.02)
     for child in children:

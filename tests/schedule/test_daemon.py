@@ -91,7 +91,7 @@ def running(pid: int) -> bool:
         return False
 
 
-def wait_for(condition, timeout: float = 10.0, what: str = "the condition") -> float:
+def wait_for(condition, timeout: float = 120.0, what: str = "the condition") -> float:
     started = time.monotonic()
     while not condition():
         assert time.monotonic() - started < timeout, f"{what} did not happen within {timeout} s"
