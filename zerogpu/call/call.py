@@ -196,6 +196,8 @@ class Call:
 
     def hand_over(self) -> None:
         """Send the call to the lease's worker; a warm one that died meanwhile is replaced."""
+        if self.reclaimed:  # taken back before a worker had it (see reclaim)
+            raise self.taken_back()
         if self.worker is not None:
             try:
                 self.send()
@@ -208,6 +210,8 @@ class Call:
         self.stage = "attach"
         self.worker = worker.spawn(self.task.key, partial(child.main, plan=self.plan()))
         self.worker.generation = runtime.generation
+        if self.reclaimed:
+            self.worker.interrupt()  # taken back while it was being forked: the reading loop says so
         try:
             self.send()
         except (EOFError, OSError):

@@ -222,11 +222,11 @@ class Worker:
             with self._sending:
                 self.channel.send_bytes(*payloads)
             return
-        self._sending.acquire()
         # Whoever takes `release` first gives `_sending` back: the thread when it is done, or this
         # caller if starting it failed or was interrupted (Ctrl-C lands in Thread.start, which may
         # or may not have started the thread by then).
         release = threading.Lock()
+        self._sending.acquire()
         try:
             threading.Thread(target=self._send_in_background, args=(release, *payloads), name="zerogpu-send",
                              daemon=True).start()

@@ -324,7 +324,10 @@ class DaemonClient(Scheduler):
             self._reclaimed.add(lease_id)
         log.warning("the node daemon took back lease %s, which ran past its duration", lease_id)
         if reclaimed is not None:
-            reclaimed()
+            try:
+                reclaimed()
+            except Exception:  # noqa: BLE001 - on the connection's reader thread, which must go on
+                log.exception("ending the call on lease %s, which the node daemon took back, failed", lease_id)
         if park is not None:
             threading.Thread(target=run_park, args=(park, None), name="zerogpu-evict", daemon=True).start()
 

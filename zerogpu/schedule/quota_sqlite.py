@@ -182,7 +182,8 @@ class SQLiteLedger(QuotaLedger):
         try:
             work.value = work.run(self._db)
         except Exception as error:  # noqa: BLE001 - its caller gets it
-            self._db.execute("ROLLBACK TO work" if savepoint else "ROLLBACK")
+            if self._db.in_transaction:  # SQLite may have rolled it all back itself (a full disk, say)
+                self._db.execute("ROLLBACK TO work" if savepoint else "ROLLBACK")
             work.error = self._failure(error) if isinstance(error, sqlite3.Error) else error
         if savepoint:
             self._db.execute("RELEASE work")
