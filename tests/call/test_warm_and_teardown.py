@@ -150,3 +150,76 @@ def test_one_timer_ends_each_idle_worker_at_its_own_deadline(gpu, monkeypatch):
     assert long_idle() == kept  # still warm
     pool.close()
     assert held_leases() == 0
+
+
+class Events:
+    """A relay of the smallest kind: a call made while `watching` reports to it; in the worker, the
+    function finds its `emit` in EMIT."""
+
+    def __init__(self) -> None:
+        self.watching = None
+
+    def watch(self):
+        return self.watching
+
+    def enter(self, state, emit):
+        import contextlib
+
+        EMIT[:] = [emit]
+        return contextlib.nullcontext()
+
+    def translate(self, error):
+        return None
+
+
+class Seen:
+    identity = None
+    state = None
+
+    def __init__(self) -> None:
+        self.replayed = []
+
+    def replay(self, payload) -> None:
+        self.replayed.append(payload)
+
+    def notice(self, kind) -> None:
+        pass
+
+
+EMIT: list = []
+
+
+def test_a_thread_left_behind_reports_nothing_into_the_next_call_of_a_warm_worker(gpu, monkeypatch):
+    from zerogpu.call import events
+
+    monkeypatch.setenv("ZEROGPU_IDLE_TIMEOUT", "60")
+    relay = Events()
+    monkeypatch.setitem(events._relays, "test-events", relay)
+
+    @zerogpu.GPU(duration=20)
+    def reports(leave_one_behind):
+        emit = EMIT[0]
+        emit("from the call itself")
+        if not leave_one_behind:
+            time.sleep(0.5)  # longer than the reporter of the call before lives
+            return os.getpid()
+
+        def keep_reporting():
+            for n in range(3000):  # as fast as it can: it is reporting when the call ends
+                emit(f"late {n}")
+
+        threading.Thread(target=keep_reporting, daemon=True).start()
+        time.sleep(0.01)  # the reporter runs while the call returns
+        return os.getpid()
+
+    first, second = Seen(), Seen()
+    try:
+        relay.watching = first
+        worker = reports(True)
+        relay.watching = second
+        assert reports(False) == worker  # the same warm worker
+    finally:
+        pool.close()
+    assert first.replayed[0] == "from the call itself"
+    assert second.replayed == ["from the call itself"], \
+        f"the next call replayed {len(second.replayed) - 1} events of the one before"

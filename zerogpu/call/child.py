@@ -212,8 +212,9 @@ def serve(channel: transport.Channel, plan: Plan) -> None:
             channel.send(("raise", transport.capture_exception(error)), to_device=False)
             channel.send(("done", {"run_s": 0.0, "finished": time.monotonic()}), to_device=False)
         else:
-            with Emitter(channel) as emit, events.entered(relay, state, emit):
-                run(channel, plan.functions[key], args, kwargs)
+            emitter = Emitter(channel)
+            with emitter, events.entered(relay, state, emitter.emit):
+                run(channel, plan.functions[key], args, kwargs, before_done=emitter.close)
             end_descendants()  # a warm worker's next call starts with nothing left of this one
         if not plan.stay_warm:
             return
@@ -235,6 +236,10 @@ class Emitter:
         return self.emit
 
     def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Report nothing more: what comes after the call's "done" would land in the next call."""
         with self.lock:
             self.open = False
 
@@ -244,8 +249,12 @@ class Emitter:
                 self.channel.send(("event", payload), to_device=False)
 
 
-def run(channel: transport.Channel, fn: Callable, args: tuple, kwargs: dict) -> None:
-    """Step 6 and 7: run the user's function and send back what it returns, yields or raises."""
+def run(channel: transport.Channel, fn: Callable, args: tuple, kwargs: dict,
+        before_done: Callable[[], None] = lambda: None) -> None:
+    """Step 6 and 7: run the user's function and send back what it returns, yields or raises.
+
+    `before_done()` runs just before the call's last message is sent (it silences the threads the
+    function left behind)."""
     started = time.monotonic()
     try:
         if inspect.isasyncgenfunction(fn):
@@ -253,6 +262,7 @@ def run(channel: transport.Channel, fn: Callable, args: tuple, kwargs: dict) -> 
         elif inspect.iscoroutinefunction(fn):
             value = asyncio.run(fn(*args, **kwargs))
             finished = time.monotonic()
+            before_done()
             reply(channel, ("return", value), done(started, finished))
             return
         elif inspect.isgeneratorfunction(fn):
@@ -260,6 +270,7 @@ def run(channel: transport.Channel, fn: Callable, args: tuple, kwargs: dict) -> 
         else:
             value = fn(*args, **kwargs)
             finished = time.monotonic()
+            before_done()
             reply(channel, ("return", value), done(started, finished))
             return
     except SystemExit as exc:
@@ -268,9 +279,11 @@ def run(channel: transport.Channel, fn: Callable, args: tuple, kwargs: dict) -> 
     except MemoryError as exc:
         send_memory_error(channel, exc)
     except Exception as exc:  # noqa: BLE001 - the caller gets it back
+        before_done()
         channel.send_many([("raise", transport.capture_exception(exc)), done(started, time.monotonic())],
                           to_device=False)
         return
+    before_done()
     channel.send(done(started, time.monotonic()), to_device=False)
 
 
