@@ -831,3 +831,11 @@ def test_a_call_whose_lease_the_daemon_takes_back_ends_and_its_worker_is_killed(
         script.kill()
         script.wait()
         node.stop()
+
+
+def test_a_worker_that_was_to_idle_on_a_lease_the_daemon_took_back_goes(client):
+    lease = client.acquire(large(), timeout=0)
+    client.expired(lease.id)  # as the daemon says it when it takes a lease back
+    evicted = threading.Event()
+    client.release(lease, used=1.0, park=evicted.set)  # the call ended just after: its worker would idle
+    assert evicted.is_set()

@@ -230,15 +230,19 @@ class DaemonClient(Scheduler):
         check_seconds(used, "used")
         with self._lock:
             self._on_reclaim.pop(lease.id, None)
-            if lease.id in self._reclaimed:
+            reclaimed = lease.id in self._reclaimed
+            if reclaimed:
                 self._reclaimed.discard(lease.id)
-                return  # the daemon has it back already, charged
-            if lease.id not in self._links_of:
+            elif lease.id not in self._links_of:
                 raise SchedulerError(f"lease {lease.id} is not held by this process: was it released twice?")
-            if park is None:
+            elif park is None:
                 del self._links_of[lease.id]
             else:
                 self._parks[lease.id] = park
+        if reclaimed:
+            # The daemon has it back already, charged: a worker that was to idle on it must go.
+            run_park(park, None)
+            return
         message = {"op": "release", "lease": lease.id, "used": used, "charge": charge, "park": park is not None}
         try:
             link = self._connection()
