@@ -216,7 +216,11 @@ HOLD = """
 
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["plain", "fork"])
-def test_leases_of_a_killed_client_come_back_uncharged(daemon, client, how):
+def test_leases_of_a_killed_client_come_back_uncharged(folder, how):
+    # Clients stay silent for far longer than the test waits before the daemon would give up on
+    # them: leases that come back at all came back because the daemon saw the process die.
+    daemon = Daemon(folder, "--heartbeat-timeout", "600").start()
+    client = daemon.client()
     holder = run_script(daemon, HOLD, how)
     orphan_pid = None
     try:
@@ -226,8 +230,7 @@ def test_leases_of_a_killed_client_come_back_uncharged(daemon, client, how):
         assert len(client.status()["leases"]) == 4
         holder.kill()
         holder.wait()
-        took = wait_for(lambda: client.status()["leases"] == [], what="returning the dead client's leases")
-        assert took < 3
+        wait_for(lambda: client.status()["leases"] == [], what="returning the dead client's leases")
         lease = client.acquire(xlarge(), timeout=0)
         client.release(lease, used=0)
         bob = [entry for entry in client.status()["quota"] if entry["user"] == "bob"]
@@ -238,6 +241,8 @@ def test_leases_of_a_killed_client_come_back_uncharged(daemon, client, how):
         holder.stdout.close()
         if orphan_pid is not None:
             os.kill(orphan_pid, signal.SIGKILL)
+        client.close()
+        daemon.stop()
 
 
 def raw_connection(daemon: Daemon) -> socket.socket:
