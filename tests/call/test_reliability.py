@@ -111,6 +111,26 @@ def test_an_interrupt_while_a_large_argument_starts_sending_releases_the_channel
     right.close()
 
 
+def test_a_lease_taken_back_before_its_call_had_a_worker_ends_the_call_with_nothing_left(gpu, monkeypatch, tmp_path):
+    from zerogpu.schedule.choice import scheduler
+
+    # A scheduler that takes each lease back as soon as it is given (the node daemon's "expired"
+    # arriving before the call has handed itself to a worker).
+    monkeypatch.setattr(scheduler(), "on_reclaim", lambda lease, callback: callback(), raising=False)
+    ran = tmp_path / "ran"
+
+    @zerogpu.GPU(duration=5)
+    def never_runs():
+        ran.write_text("ran")
+
+    children = {child.pid for child in psutil.Process().children(recursive=True)}
+    with pytest.raises(zerogpu.CallTimeout, match="took its GPU back, so its worker was killed"):
+        never_runs()
+    assert not ran.exists()
+    assert {child.pid for child in psutil.Process().children(recursive=True)} <= children
+    # (the gpu fixture checks that no lease outlived the call)
+
+
 # -- nothing a worker starts outlives its call ------------------------------------------
 
 

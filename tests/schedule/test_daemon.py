@@ -15,7 +15,6 @@ import tempfile
 import textwrap
 import threading
 import time
-from types import SimpleNamespace
 
 import psutil
 import pytest
@@ -78,8 +77,9 @@ def client(daemon):
     made.close()
 
 
-def run_script(daemon: Daemon, script: str, *args: str, env: dict | None = None) -> subprocess.Popen:
-    env = {**os.environ, **(env or {}), "ZEROGPU_SCHEDULER": daemon.socket}
+def run_script(socket_path: str, script: str, *args: str, env: dict | None = None) -> subprocess.Popen:
+    """A Python process that runs `script` with the daemon on `socket_path` as its scheduler."""
+    env = {**os.environ, **(env or {}), "ZEROGPU_SCHEDULER": socket_path}
     return subprocess.Popen([sys.executable, "-c", textwrap.dedent(script), *args],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
 
@@ -161,7 +161,7 @@ def test_a_missing_daemon_is_a_clear_error(folder):
 
 @pytest.mark.slow
 def test_apps_share_the_gpus_and_wait_for_each_other(daemon, client):
-    holder = run_script(daemon, """
+    holder = run_script(daemon.socket, """
         import sys
         from zerogpu.schedule.choice import scheduler
         from zerogpu.schedule.leases import LeaseRequest
@@ -221,7 +221,7 @@ def test_leases_of_a_killed_client_come_back_uncharged(folder, how):
     # them: leases that come back at all came back because the daemon saw the process die.
     daemon = Daemon(folder, "--heartbeat-timeout", "600").start()
     client = daemon.client()
-    holder = run_script(daemon, HOLD, how)
+    holder = run_script(daemon.socket, HOLD, how)
     orphan_pid = None
     try:
         if how == "fork":
@@ -664,12 +664,12 @@ def test_decorated_calls_of_two_apps_share_the_daemons_gpus_and_evict_idle_worke
         sys.stdin.readline()
     """
     env = {"ZEROGPU_BACKEND": "emulated", "ZEROGPU_IDLE_TIMEOUT": "60"}
-    first = run_script(daemon, app, "4", env=env)
+    first = run_script(daemon.socket, app, "4", env=env)
     second = None
     try:
         idle = [int(pid) for pid in first.stdout.readline().split()]
         assert len(set(idle)) == 4  # four workers, idle, holding all four GPUs
-        second = run_script(daemon, app, "1", env=env)
+        second = run_script(daemon.socket, app, "1", env=env)
         (served,) = second.stdout.readline().split()  # an idle worker of the first app made room
         assert int(served) not in idle
         wait_for(lambda: sum(map(running, idle)) == 3, what="the eviction of one idle worker")
@@ -807,7 +807,7 @@ def test_a_call_whose_lease_the_daemon_takes_back_ends_and_its_worker_is_killed(
                       reclaim_grace=0.5)
     node.start()
     # The caller's own grace is far longer than the daemon's: only the daemon ends this call.
-    script = run_script(SimpleNamespace(socket=node.socket_path), """
+    script = run_script(node.socket_path, """
         import os, time, zerogpu
         zerogpu.enable()
 

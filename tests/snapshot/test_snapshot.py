@@ -522,6 +522,37 @@ def test_attach_from_a_forked_process():
         assert by_name == inherited == checksums(tensors)
 
 
+def test_an_unnamed_snapshot_is_shared_by_fork_and_never_in_dev_shm(monkeypatch):
+    tensors = model_like()
+    seen_while_writing = []
+    write = snapshot_module.write_copies
+
+    def watched(*args, **kwargs):
+        seen_while_writing.append(segments())
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(snapshot_module, "write_copies", watched)
+    before = segments()
+    with Snapshot.pack(tensors, named=False) as snapshot:
+        assert seen_while_writing == [before]  # not even while its bytes go in
+        assert segments() == before
+        with pytest.raises(SnapshotError, match="no snapshot named"):
+            Snapshot.attach(snapshot.name)
+        read, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.write(write_end, json.dumps(checksums(snapshot.tensors())).encode())
+            finally:
+                os._exit(0)
+        os.close(write_end)
+        with os.fdopen(read) as pipe:
+            inherited = json.loads(pipe.read())
+        os.waitpid(pid, 0)
+        assert inherited == checksums(snapshot.tensors()) == checksums(tensors)
+    assert segments() == before
+
+
 def test_forked_child_leaving_does_not_unlink_the_parents_segment():
     with Snapshot.pack({"w": torch.randn(3)}) as snapshot:
         pid = os.fork()

@@ -55,19 +55,15 @@ class Channel:
 
     def send(self, obj: Any, *, to_device: bool, what: str = "value") -> None:
         """Pickle `obj` (see `dumps`) and send it; its segments are released if sending fails."""
-        payload = dumps(obj, to_device=to_device, what=what)
-        try:
-            self.send_bytes(payload)
-        except BaseException:
-            discard(payload)
-            raise
+        self.send_many([obj], to_device=to_device, what=what)
 
-    def send_many(self, objs: list[Any], *, to_device: bool) -> None:
-        """Pickle each of `objs` and send them as consecutive frames, in one write where they are small."""
+    def send_many(self, objs: list[Any], *, to_device: bool, what: str = "value") -> None:
+        """Pickle each of `objs` and send them as consecutive frames, in one write where they are small;
+        their segments are released if pickling or sending fails."""
         payloads: list[bytes] = []
         try:
             for obj in objs:
-                payloads.append(dumps(obj, to_device=to_device))
+                payloads.append(dumps(obj, to_device=to_device, what=what))
             self.send_bytes(*payloads)
         except BaseException:
             for payload in payloads:

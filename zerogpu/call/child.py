@@ -209,8 +209,8 @@ def serve(channel: transport.Channel, plan: Plan) -> None:
             raise
         except Exception as exc:  # noqa: BLE001 - the caller learns why
             error = SerializationError(f"the arguments could not be rebuilt in the worker: {exc}")
-            channel.send(("raise", transport.capture_exception(error)), to_device=False)
-            channel.send(("done", {"run_s": 0.0, "finished": time.monotonic()}), to_device=False)
+            now = time.monotonic()
+            channel.send_many([("raise", transport.capture_exception(error)), done(now, now)], to_device=False)
         else:
             emitter = Emitter(channel)
             with emitter, events.entered(relay, state, emitter.emit):
@@ -253,38 +253,39 @@ def run(channel: transport.Channel, fn: Callable, args: tuple, kwargs: dict,
         before_done: Callable[[], None] = lambda: None) -> None:
     """Step 6 and 7: run the user's function and send back what it returns, yields or raises.
 
-    `before_done()` runs just before the call's last message is sent (it silences the threads the
-    function left behind)."""
+    `before_done()` runs as soon as the function has returned or raised, before anything more is
+    sent (it silences the threads the function left behind: what they report would otherwise
+    land after the call's last message, in the next call)."""
     started = time.monotonic()
     try:
-        if inspect.isasyncgenfunction(fn):
-            stream(channel, iterate_async(fn(*args, **kwargs)))
-        elif inspect.iscoroutinefunction(fn):
-            value = asyncio.run(fn(*args, **kwargs))
+        try:
+            result = outcome(channel, fn, args, kwargs)
+        finally:
             finished = time.monotonic()
             before_done()
-            reply(channel, ("return", value), done(started, finished))
-            return
-        elif inspect.isgeneratorfunction(fn):
-            stream(channel, fn(*args, **kwargs))
-        else:
-            value = fn(*args, **kwargs)
-            finished = time.monotonic()
-            before_done()
-            reply(channel, ("return", value), done(started, finished))
-            return
+        reply(channel, result, done(started, finished))
     except SystemExit as exc:
         channel.send(("exit", exit_code(exc)), to_device=False)
         raise
     except MemoryError as exc:
         send_memory_error(channel, exc)
+        channel.send(done(started, time.monotonic()), to_device=False)
     except Exception as exc:  # noqa: BLE001 - the caller gets it back
-        before_done()
         channel.send_many([("raise", transport.capture_exception(exc)), done(started, time.monotonic())],
                           to_device=False)
-        return
-    before_done()
-    channel.send(done(started, time.monotonic()), to_device=False)
+
+
+def outcome(channel: transport.Channel, fn: Callable, args: tuple, kwargs: dict) -> list[tuple]:
+    """Run `fn`: the message its value makes, or none for a stream (whose values went as they came)."""
+    if inspect.isasyncgenfunction(fn):
+        stream(channel, iterate_async(fn(*args, **kwargs)))
+        return []
+    if inspect.isgeneratorfunction(fn):
+        stream(channel, fn(*args, **kwargs))
+        return []
+    if inspect.iscoroutinefunction(fn):
+        return [("return", asyncio.run(fn(*args, **kwargs)))]
+    return [("return", fn(*args, **kwargs))]
 
 
 def done(started: float, finished: float) -> tuple:
@@ -315,11 +316,11 @@ def exit_code(exc: SystemExit) -> int:
     return exc.code if isinstance(exc.code, int) else 1
 
 
-def reply(channel: transport.Channel, message: tuple, last: tuple) -> None:
-    """Send a value and the call's last message, together; a value that cannot be pickled becomes
-    the caller's SerializationError."""
+def reply(channel: transport.Channel, messages: list[tuple], last: tuple) -> None:
+    """Send the call's value (if any) and its last message, together; a value that cannot be pickled
+    becomes the caller's SerializationError."""
     try:
-        channel.send_many([message, last], to_device=False)
+        channel.send_many([*messages, last], to_device=False)
     except SerializationError as exc:
         channel.send_many([("raise", transport.capture_exception(exc)), last], to_device=False)
 

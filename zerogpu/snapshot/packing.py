@@ -73,11 +73,10 @@ def pack(tensors: list[torch.Tensor], progress: Callable[[int], None] | None = N
     with collector_paused():
         named = {f"t{i}": tensor for i, tensor in enumerate(tensors)}
         with emulation.suspended():
-            snapshot = Snapshot.pack({name: t.data for name, t in named.items()}, progress=progress)
-        # Workers are forked from this process and inherit the mapping; nobody attaches it by name.
-        # Without a name, a process killed by SIGKILL (or a container stopped hard) leaves nothing
-        # in /dev/shm: the memory goes with the last process that maps it.
-        snapshot.unlink()
+            # Workers are forked from this process and inherit the mapping; nobody attaches it by
+            # name. Without one, a process killed by SIGKILL (or a container stopped hard), even
+            # while packing, leaves nothing in /dev/shm.
+            snapshot = Snapshot.pack({name: t.data for name, t in named.items()}, progress=progress, named=False)
         model = PackedModel(snapshot)
         for name, tensor in named.items():
             model.bind(name, tensor)

@@ -62,13 +62,13 @@ class Snapshot:
         # closing drops this reference and the mapping goes with the last view. The mmap
         # is never closed explicitly: that would unmap memory that live tensors still view.
         self._segment: mmap.mmap | None = segment
-        self._owner = os.getpid() if owner else None
-        self._unlink = weakref.finalize(self, unlink_if_owner, name, self._owner)
+        self._unlink = weakref.finalize(self, unlink_if_owner, name, os.getpid() if owner else None)
 
     # ---- making one
 
     @classmethod
-    def pack(cls, tensors: Mapping[str, torch.Tensor], *, progress: Progress | None = None) -> Snapshot:
+    def pack(cls, tensors: Mapping[str, torch.Tensor], *, progress: Progress | None = None,
+             named: bool = True) -> Snapshot:
         """Copy `tensors` into a new segment, each storage once.
 
         Tensors that share a storage come back sharing one, with the same
@@ -77,6 +77,10 @@ class Snapshot:
         1 GB): that keeps every view exact; `.clone()` such views first to
         pack only their elements. `progress(n)` is called as each `n` bytes
         are copied.
+
+        named=False removes the segment's name as soon as it is made: only this
+        process and the ones forked from it map it (no `attach`), and nothing is
+        ever left in /dev/shm, whatever ends them (SIGKILL too).
         """
         with collector_paused():  # a few objects per tensor, none in a cycle
             items = checked_tensors(tensors)
@@ -85,7 +89,7 @@ class Snapshot:
         def write(fd: int, data_offset: int) -> None:
             write_copies(fd, copies, data_offset, progress)
 
-        return cls._create(entries, write)
+        return cls._create(entries, write, named=named)
 
     @classmethod
     def load_safetensors(cls, path: str | os.PathLike, *, progress: Progress | None = None) -> Snapshot:
@@ -107,7 +111,7 @@ class Snapshot:
             return cls._create(entries, write)
 
     @classmethod
-    def _create(cls, entries: list[Entry], write: Callable[[int, int], None]) -> Snapshot:
+    def _create(cls, entries: list[Entry], write: Callable[[int, int], None], *, named: bool = True) -> Snapshot:
         """Make the segment for `entries`, fill its data region with `write(fd, data_offset)`, map it."""
         manifest = encode(entries)
         nbytes = max((entry.offset + entry.nbytes for entry in entries), default=0)
@@ -121,6 +125,8 @@ class Snapshot:
         except (OSError, posix_ipc.Error) as error:
             raise SnapshotError(f"could not create shared-memory segment {name} of {describe_size(size)}: {error}") from error
         try:
+            if not named:
+                segments.unlink(name)  # its descriptor, then its mapping, keep the memory
             # The data goes in through the file descriptor, not a mapping (see segments.write).
             write(shm.fd, data_offset)
             segments.write(shm.fd, memoryview(manifest), HEADER.size)
@@ -128,7 +134,7 @@ class Snapshot:
             segments.write(shm.fd, memoryview(header(manifest, data_offset, nbytes)), 0)
             segment = mmap.mmap(shm.fd, size)
         except BaseException as error:
-            shm.unlink()
+            segments.unlink(name)
             if isinstance(error, OSError):
                 advice = "; free space there or make it larger" if error.errno == errno.ENOSPC else ""
                 raise SnapshotError(f"could not write snapshot {name} ({describe_size(size)}) into {segments.SHM_DIR}: "
@@ -210,15 +216,6 @@ class Snapshot:
         """
         safetensors_io.save(self.entries, self.tensors(), path)
 
-
-    def unlink(self) -> None:
-        """In the owner: remove the segment's name now, keeping its memory mapped here and in the
-        processes forked from here, for as long as a view of it lives.
-
-        Nothing is left in /dev/shm then, whatever ends this process (SIGKILL, a power cut of a
-        container's namespace); but no other process can attach the snapshot any more.
-        """
-        unlink_if_owner(self.name, self._owner)
 
     def close(self) -> None:
         """Unmap (once the last view of it is gone) and, in the owner, unlink the name."""
