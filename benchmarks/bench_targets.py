@@ -237,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         small, large = tensors
         print(f"  {large['tensors']} / {small['tensors']} tensors: "
               f"pack {large['pack_ms']['median'] / small['pack_ms']['median']:.2f}x, "
-              f"cold {large['cold_ms']['median'] / small['cold_ms']['median']:.2f}x")
+              f"cold {large['cold_ms']['median'] / small['cold_ms']['median']:.2f}x, "
+              f"zerogpu.startup() {large['startup_s'] / small['startup_s']:.2f}x (one each)")
     if args.json:
         from rich.console import Console
 

@@ -672,10 +672,19 @@ def damage(name: str, how: str) -> None:
         elif how == "corrupt manifest":
             byte = os.pread(fd, 1, HEADER.size + 10)
             os.pwrite(fd, bytes([byte[0] ^ 0x20]), HEADER.size + 10)
-        elif how == "entry past the data":  # a manifest with a sound checksum that lies
-            entries = json.loads(os.pread(fd, manifest_length, HEADER.size))
-            entries[0]["nbytes"] = nbytes + 1
-            manifest = json.dumps(entries).encode()
+        else:  # a manifest with a sound checksum that lies
+            columns = json.loads(os.pread(fd, manifest_length, HEADER.size))
+            if how == "entry past the data":
+                columns["nbytes"][0] = nbytes + 1
+            elif how == "field missing":
+                del columns["stride"]
+            elif how == "fields of different lengths":
+                columns["shape"].pop()
+            elif how == "unknown dtype":
+                columns["dtype"][0] = "float7"
+            elif how == "negative stride":
+                columns["stride"][0] = [-1]
+            manifest = json.dumps(columns).encode()
             os.pwrite(fd, manifest, HEADER.size)
             os.pwrite(fd, HEADER.pack(magic, version, zlib.crc32(manifest), len(manifest), data_offset, nbytes), 0)
     finally:
@@ -686,9 +695,13 @@ def damage(name: str, how: str) -> None:
     ("too short", "too short to be a snapshot"),
     ("truncated", "truncated"),
     ("bad magic", "not a zerogpu snapshot"),
-    ("other version", "format version 2; this zerogpu reads version 1"),
+    ("other version", "format version 3; this zerogpu reads version 2"),
     ("corrupt manifest", "manifest .* is corrupt \\(checksum mismatch\\)"),
     ("entry past the data", "manifest .* is corrupt .*reaches past"),
+    ("field missing", "manifest .* is corrupt .*its fields are"),
+    ("fields of different lengths", "manifest .* is corrupt .*different numbers of entries"),
+    ("unknown dtype", "manifest .* is corrupt .*float7"),
+    ("negative stride", "manifest .* is corrupt .*malformed"),
 ])
 def test_attach_refuses_a_damaged_segment(how, message):
     with Snapshot.pack({"w": torch.randn(100), "b": torch.randn(3)}) as snapshot:

@@ -415,6 +415,23 @@ def restore_snapshot(
     buffer, the tensors as views of it by name, and the restore's figures.
     A failed restore raises CudaError and frees the buffer.
     """
+    buffer, stats = restore_region(snapshot, device, engine=engine, strategy=strategy, chunk_bytes=chunk_bytes,
+                                   streams=streams, threads=threads)
+    return buffer, snapshot.views(buffer), stats
+
+
+def restore_region(
+    snapshot: SnapshotLike,
+    device: str | torch.device | None = None,
+    *,
+    engine: Engine | None = None,
+    strategy: str | None = None,
+    chunk_bytes: int | None = None,
+    streams: int | None = None,
+    threads: int | None = None,
+) -> tuple[torch.Tensor, RestoreStats]:
+    """`restore_snapshot` without rebuilding the tensors: the buffer and the figures, for a
+    caller that points its own tensors at the buffer (the runtime's PackedModel.rebind)."""
     address, nbytes = _snapshot_region(snapshot)
     backend, index = _backend_for(device, engine)
     own_engine = engine is None
@@ -440,7 +457,7 @@ def restore_snapshot(
         except BaseException:
             del buffer  # a failed restore's memory is freed now, never handed out
             raise
-        return buffer, snapshot.views(buffer), stats
+        return buffer, stats
     finally:
         if own_engine:
             engine.close()

@@ -12,7 +12,7 @@ import contextlib
 import functools
 import gc
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 
@@ -64,6 +64,19 @@ class Registry:
             self.memory.forget(key)
             self.memory.count(key, tensor, entry[1])
 
+    def recount(self, placed: Iterable[tuple[torch.Tensor, torch.UntypedStorage]], index: int) -> None:
+        """After each tensor's data moved to the storage beside it: count it there, marking
+        those not marked yet on device `index` (`set` then `moved`, one lookup each)."""
+        entries, memory = self._entries, self.memory
+        for tensor, storage in placed:
+            key = id(tensor)
+            entry = entries.get(key)
+            if entry is None or entry[0]() is not tensor:
+                self.set(tensor, index)
+                continue
+            memory.forget(key)
+            memory.add(key, storage.data_ptr(), storage.nbytes(), entry[1])
+
     def discard(self, tensor: torch.Tensor) -> None:
         key = id(tensor)
         entry = self._entries.get(key)
@@ -102,7 +115,10 @@ class StorageAccounts:
         self.peak: dict[int, int] = {}
 
     def count(self, holder: int, tensor: torch.Tensor | torch.UntypedStorage, index: int) -> None:
-        pointer, nbytes = _storage_of(tensor)
+        self.add(holder, *_storage_of(tensor), index)
+
+    def add(self, holder: int, pointer: int, nbytes: int, index: int) -> None:
+        """Count `holder` as holding the storage of `nbytes` at `pointer` on device `index`."""
         self._holders[holder] = (pointer, index)
         account = self._storages.get((pointer, index))
         if account is not None:
@@ -212,6 +228,19 @@ def rebind(tensor: torch.Tensor, data: torch.Tensor, *, mark: bool | None = None
         marked.moved(tensor)
     else:
         marked.discard(tensor)
+
+
+def recount(placed: Iterable[tuple[torch.Tensor, torch.UntypedStorage]], *, mark: bool) -> None:
+    """After the runtime moved each tensor's data to the storage beside it (a restore, a
+    pack): with mark, count each there, marking those not marked yet on the current
+    device; without, make them plain tensors. `rebind` for thousands at once, its checks
+    left out."""
+    if not mark:
+        for tensor, _ in placed:
+            marked.discard(tensor)
+        return
+    with torch._C.DisableTorchFunction():
+        marked.recount(placed, emulated_devices.current_index())
 
 
 def live_tensors() -> list[torch.Tensor]:

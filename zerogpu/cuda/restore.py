@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from ..errors import CudaError, RestoreError
 from ..units import describe_size
-from .registry import collector_paused
 
 
 def restore(models: list, engine, backend: str, lease, late: list = ()) -> list[dict]:
@@ -18,15 +17,14 @@ def restore(models: list, engine, backend: str, lease, late: list = ()) -> list[
     `late` are the recorded tensors no snapshot holds (moved to 'cuda' after
     packing): on a real GPU they are moved one by one.
     """
-    from .engine import restore_snapshot
+    from .engine import restore_region
 
     device = "cuda" if backend == "cuda" else "cpu"
     figures = []
     try:
         for model in models:
-            _, views, stats = restore_snapshot(model.snapshot, device, engine=engine)
-            with collector_paused():  # a few objects per tensor, in one pass
-                model.rebind(views, keep_mark=backend == "emulated")
+            buffer, stats = restore_region(model.snapshot, device, engine=engine)
+            model.rebind(buffer, keep_mark=backend == "emulated")
             figures.append(vars(stats))
         if backend == "cuda":
             move_late(late)

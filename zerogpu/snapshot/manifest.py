@@ -3,9 +3,11 @@
     header | manifest (JSON) | padding to a page | data region
 
 The header is MAGIC, the format VERSION, the CRC-32 and length of the
-manifest, and the offset and length of the data region. The manifest lists an
-`Entry` per tensor. Storages in the data region start on an ALIGN boundary,
-large ones on a page (`align_storage`).
+manifest, and the offset and length of the data region. The manifest holds the
+`Entry` of every tensor, field by field: one JSON list per field, so a model of
+many tensors costs one short list item per field and tensor, not a record each.
+Storages in the data region start on an ALIGN boundary, large ones on a page
+(`align_storage`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import json
 import mmap
 import struct
 import zlib
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -22,7 +24,7 @@ from ..errors import SnapshotError
 from ..units import round_up
 
 MAGIC = b"ZGPUSNAP"
-VERSION = 1
+VERSION = 2  # 2: the manifest is one list per field
 # magic, format version, CRC-32 of the manifest, manifest length, data offset, data length
 HEADER = struct.Struct("<8sIIQQQ")
 
@@ -39,14 +41,14 @@ DTYPES: dict[str, torch.dtype] = {
 }
 
 
-@dataclass(frozen=True)
-class Entry:
+class Entry(NamedTuple):
     """One tensor of the manifest.
 
     The tensor is `dtype`, `shape` and `stride` over a storage of `nbytes`
     bytes that starts `offset` bytes into the data region, beginning
     `storage_offset` elements into it. Entries with the same `offset` and
-    `nbytes` share one storage.
+    `nbytes` share one storage. A named tuple, not a dataclass: a model has
+    thousands of entries, and a tuple is made and unpacked in one step.
     """
 
     name: str
@@ -72,21 +74,20 @@ def align_storage(cursor: int, nbytes: int) -> int:
     return round_up(cursor, PAGE if nbytes >= LARGE else ALIGN)
 
 
+FIELDS = Entry._fields
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+
 def encode(entries: list[Entry]) -> bytes:
-    """The manifest of `entries`, as the segment stores it."""
-    return json.dumps([entry_to_json(entry) for entry in entries]).encode()
+    """The manifest of `entries`, as the segment stores it: {field: [its value for each entry]}."""
+    columns = dict(zip(FIELDS, zip(*entries))) if entries else {field: [] for field in FIELDS}
+    columns["dtype"] = [DTYPE_NAMES[dtype] for dtype in columns["dtype"]]
+    return json.dumps(columns, separators=(",", ":")).encode()
 
 
 def header(manifest: bytes, data_offset: int, nbytes: int) -> bytes:
     """The header of a segment that holds `manifest` and a data region of `nbytes` at `data_offset`."""
     return HEADER.pack(MAGIC, VERSION, zlib.crc32(manifest), len(manifest), data_offset, nbytes)
-
-
-def entry_to_json(entry: Entry) -> dict[str, object]:
-    # Field by field: dataclasses.asdict deep-copies each one, a cost per tensor that adds up.
-    return {"name": entry.name, "dtype": str(entry.dtype).removeprefix("torch."), "shape": list(entry.shape),
-            "stride": list(entry.stride), "storage_offset": entry.storage_offset, "offset": entry.offset,
-            "nbytes": entry.nbytes}
 
 
 def read_manifest(name: str, segment: mmap.mmap) -> tuple[int, int, list[Entry]]:
@@ -105,7 +106,7 @@ def read_manifest(name: str, segment: mmap.mmap) -> tuple[int, int, list[Entry]]
     if zlib.crc32(manifest) != checksum:
         raise SnapshotError(f"the manifest of snapshot {name} is corrupt (checksum mismatch): pack it again")
     try:
-        entries = [entry_from_json(fields, nbytes) for fields in json.loads(manifest)]
+        entries = decode(json.loads(manifest), nbytes)
     except (ValueError, TypeError, KeyError) as error:
         raise SnapshotError(f"the manifest of snapshot {name} is corrupt ({error}): pack it again") from None
     if len({entry.name for entry in entries}) != len(entries):
@@ -113,16 +114,23 @@ def read_manifest(name: str, segment: mmap.mmap) -> tuple[int, int, list[Entry]]
     return data_offset, nbytes, entries
 
 
-def entry_from_json(fields: dict, nbytes: int) -> Entry:
-    """An Entry from its manifest form; ValueError when it could not be a view of the data region."""
-    entry = Entry(
-        name=fields["name"], dtype=DTYPES[fields["dtype"]], shape=tuple(fields["shape"]),
-        stride=tuple(fields["stride"]), storage_offset=fields["storage_offset"],
-        offset=fields["offset"], nbytes=fields["nbytes"])
+def decode(columns: dict, nbytes: int) -> list[Entry]:
+    """The entries of a manifest's columns; ValueError for any that could not be a view of the data region."""
+    if not isinstance(columns, dict) or sorted(columns) != sorted(FIELDS):
+        raise ValueError(f"its fields are {sorted(columns) if isinstance(columns, dict) else columns!r}, "
+                         f"not {sorted(FIELDS)}")
+    if len({len(column) for column in columns.values()}) > 1:
+        raise ValueError("its fields list different numbers of entries")
+    return [checked(Entry(name, DTYPES[dtype], tuple(shape), tuple(stride), *numbers), nbytes)
+            for name, dtype, shape, stride, *numbers in zip(*(columns[field] for field in FIELDS))]
+
+
+def checked(entry: Entry, nbytes: int) -> Entry:
+    """`entry`, or ValueError when it could not be a view of a data region of `nbytes`."""
     numbers = (*entry.shape, *entry.stride, entry.storage_offset, entry.offset, entry.nbytes)
     if not isinstance(entry.name, str) or len(entry.shape) != len(entry.stride) \
             or not all(type(number) is int and number >= 0 for number in numbers):
-        raise ValueError(f"entry {fields!r} is malformed")
+        raise ValueError(f"entry {entry.name!r} is malformed")
     if entry.offset + entry.nbytes > nbytes or entry.extent > entry.nbytes:
         raise ValueError(f"entry {entry.name!r} reaches past its storage or the data region")
     return entry

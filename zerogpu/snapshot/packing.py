@@ -15,6 +15,7 @@ from typing import Callable, Hashable
 import torch
 
 from ..cuda import emulation
+from ..cuda import registry
 from ..cuda.registry import collector_paused
 from ..errors import SerializationError
 from .snapshot import Snapshot
@@ -47,12 +48,30 @@ class PackedModel:
         name = self.names.get(id(tensor))
         return name if name is not None and self.bindings[name]() is tensor else None
 
-    def rebind(self, views: dict[str, torch.Tensor], *, keep_mark: bool = True) -> None:
-        """Point every bound tensor at its view in `views` (host or device memory)."""
-        for name, ref in self.bindings.items():
-            tensor = ref()
-            if tensor is not None:
-                emulation.rebind(tensor, views[name], mark=keep_mark)
+    def rebind(self, buffer: torch.Tensor, *, keep_mark: bool = True) -> None:
+        """Point every bound tensor at its place in `buffer`, the snapshot's data region in
+        host or device memory (see Snapshot.views)."""
+        snapshot = self.snapshot
+        storages = snapshot.storages(buffer)
+        device = buffer.device
+        empty, set_data = torch.empty, torch.Tensor.data.__set__
+        rebound: list[tuple[torch.Tensor, torch.UntypedStorage]] = []
+        with torch._C.DisableTorchFunction(), torch.no_grad(), collector_paused():
+            for (name, dtype, shape, stride, storage_offset, _, _), storage in zip(snapshot.entries, storages):
+                tensor = self.bindings[name]()
+                if tensor is None:
+                    continue
+                rebound.append((tensor, storage))
+                if tensor.device == device:
+                    try:
+                        # In place: no tensor made per entry, and in a forked worker no page
+                        # of the parent's touched but the tensor's own.
+                        tensor.set_(storage, storage_offset, shape, stride)
+                        continue
+                    except RuntimeError:
+                        pass  # a tensor made under inference_mode refuses set_ outside it
+                set_data(tensor, empty(0, dtype=dtype, device=device).set_(storage, storage_offset, shape, stride))
+        registry.recount(rebound, mark=keep_mark)
 
     @property
     def nbytes(self) -> int:
@@ -80,7 +99,7 @@ def pack(tensors: list[torch.Tensor], progress: Callable[[int], None] | None = N
         model = PackedModel(snapshot)
         for name, tensor in named.items():
             model.bind(name, tensor)
-        model.rebind(snapshot.tensors(), keep_mark=True)
+        model.rebind(snapshot.region(), keep_mark=True)
         del named
     give_back_freed_memory()
     return model
@@ -89,9 +108,11 @@ def pack(tensors: list[torch.Tensor], progress: Callable[[int], None] | None = N
 def storage_bytes(tensors: list[torch.Tensor]) -> int:
     """The bytes a snapshot of `tensors` copies: each storage once, however many tensors share it."""
     sizes: dict[int, int] = {}
-    for tensor in tensors:
-        storage = tensor.untyped_storage()
-        sizes[storage.data_ptr()] = max(sizes.get(storage.data_ptr(), 0), storage.nbytes())
+    with torch._C.DisableTorchFunction():  # the emulation's function mode would see every call
+        for tensor in tensors:
+            storage = tensor.untyped_storage()
+            pointer = storage.data_ptr()
+            sizes[pointer] = max(sizes.get(pointer, 0), storage.nbytes())
     return sum(sizes.values())
 
 

@@ -178,11 +178,25 @@ class Snapshot:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor as a view of the segment, in host memory (call once and keep the dict)."""
-        return self.views(self._whole()[self._data_offset:self._data_offset + self.nbytes])
+        return self.views(self.region())
+
+    def region(self) -> torch.Tensor:
+        """The data region, in host memory, as the 1-D uint8 tensor `views` takes."""
+        return self._whole()[self._data_offset:self._data_offset + self.nbytes]
 
     def views(self, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
         """The tensors rebuilt over `buffer`: any 1-D uint8 tensor of `nbytes` on any device
         holding this snapshot's data region (a copy restored to a GPU, for instance)."""
+        storages = self.storages(buffer)
+        empty, device = torch.empty, buffer.device
+        # No torch function mode on the way (a worker's emulation), no collection set off.
+        with torch._C.DisableTorchFunction(), collector_paused():
+            return {name: empty(0, dtype=dtype, device=device).set_(storage, storage_offset, shape, stride)
+                    for (name, dtype, shape, stride, storage_offset, _, _), storage in zip(self.entries, storages)}
+
+    def storages(self, buffer: torch.Tensor) -> list[torch.UntypedStorage]:
+        """The storage of each entry (in the order of `entries`) in `buffer`, a data region as
+        `views` takes it; entries that share a storage get the same one."""
         if not isinstance(buffer, torch.Tensor) or buffer.dtype != torch.uint8 or buffer.dim() != 1 \
                 or not buffer.is_contiguous() or buffer.numel() != self.nbytes:
             described = (f"a {buffer.dtype} tensor of shape {tuple(buffer.shape)}" if isinstance(buffer, torch.Tensor)
@@ -191,22 +205,20 @@ class Snapshot:
                                   f"(Snapshot.nbytes); got {described}")
         whole = buffer.untyped_storage()
         start = buffer.storage_offset()
-        storages: dict[tuple[int, int], torch.UntypedStorage] = {}
-        views = {}
-        device = buffer.device
-        # One pass over the manifest, with no torch function mode on the way (a worker's
-        # emulation) and no collection set off by the objects it makes.
-        with torch._C.DisableTorchFunction(), collector_paused():
+        # A slice of an UntypedStorage is a storage that starts at that byte and keeps the whole
+        # one alive, so each rebuilt tensor has its own storage_offset back. (Sliced through the
+        # base class: torch's subclass adds a Python frame per slice to refuse meta storages.)
+        slice_storage = torch._C.StorageBase.__getitem__
+        made: dict[tuple[int, int], torch.UntypedStorage] = {}
+        storages = []
+        with collector_paused():
             for entry in self.entries:
-                key = (entry.offset, entry.nbytes)
-                storage = storages.get(key)
+                storage = made.get((entry.offset, entry.nbytes))
                 if storage is None:
-                    # A slice of an UntypedStorage is a storage that starts at that byte and keeps
-                    # the whole one alive, so each rebuilt tensor has its own storage_offset back.
-                    storage = storages[key] = whole[start + entry.offset:start + entry.offset + entry.nbytes]
-                views[entry.name] = torch.empty(0, dtype=entry.dtype, device=device).set_(
-                    storage, entry.storage_offset, entry.shape, entry.stride)
-        return views
+                    begin = start + entry.offset
+                    storage = made[entry.offset, entry.nbytes] = slice_storage(whole, slice(begin, begin + entry.nbytes))
+                storages.append(storage)
+        return storages
 
     def save_safetensors(self, path: str | os.PathLike) -> None:
         """Write the tensors to a `.safetensors` file, streamed from the segment.
@@ -320,15 +332,16 @@ def layout_storages(items: list[tuple[str, torch.Tensor]]) -> tuple[list[Entry],
     one buffer, say) go into one block at the same relative places, so they
     alias after a restore as they did before.
     """
+    # One look at each tensor: (name, dtype, shape, stride, storage offset, storage key).
     first_use: dict[tuple[int, int], tuple[int, torch.UntypedStorage]] = {}
-    keys = []
+    described = []
     with torch._C.DisableTorchFunction():
-        for index, (_, tensor) in enumerate(items):
+        for index, (name, tensor) in enumerate(items):
             storage = tensor.untyped_storage()
             key = (storage.data_ptr(), storage.nbytes())
-            keys.append(key)
             if key not in first_use:
                 first_use[key] = (index, storage)
+            described.append((name, tensor.dtype, tuple(tensor.shape), tensor.stride(), tensor.storage_offset(), key))
 
     # Merge storages that overlap into blocks (empty ones overlap nothing), then lay the
     # blocks out in the order their tensors came, so the region follows the caller's order.
@@ -342,14 +355,15 @@ def layout_storages(items: list[tuple[str, torch.Tensor]]) -> tuple[list[Entry],
             blocks.append([(start, length)])
             end = start + length
     blocks += [[key] for key in first_use if key[1] == 0]
-    blocks.sort(key=lambda block: min(first_use[key][0] for key in block))
+    blocks.sort(key=lambda block: first_use[block[0]][0] if len(block) == 1
+                else min(first_use[key][0] for key in block))
 
     places: dict[tuple[int, int], int] = {}
     copies = []
     cursor = 0
     for block in blocks:
         base = block[0][0]
-        length = max(start + size for start, size in block) - base
+        length = block[0][1] if len(block) == 1 else max(start + size for start, size in block) - base
         offset = align_storage(cursor, length)
         for key in block:
             places[key] = offset + key[0] - base
@@ -358,9 +372,8 @@ def layout_storages(items: list[tuple[str, torch.Tensor]]) -> tuple[list[Entry],
             copies.append((storage_bytes(first_use[key][1]), places[key]))
         cursor = offset + length
 
-    with torch._C.DisableTorchFunction():
-        entries = [Entry(name, tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()),
-                         tensor.storage_offset(), places[key], key[1]) for (name, tensor), key in zip(items, keys)]
+    entries = [Entry(name, dtype, shape, stride, storage_offset, places[key], key[1])
+               for name, dtype, shape, stride, storage_offset, key in described]
     return entries, copies
 
 

@@ -1,0 +1,79 @@
+"""The runtime's packing: recorded tensors become views of one snapshot, then of each restored copy.
+
+A restore rebinds every tensor in one pass (PackedModel.rebind): in place with
+`set_` where the device does not change, through a view where `set_` is
+refused. Either way each tensor keeps its identity, its layout and what it
+shares, and the emulated devices count its memory where it now lives.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from zerogpu.cuda import registry
+from zerogpu.snapshot import packing
+
+
+def inside(tensor: torch.Tensor, region: torch.Tensor) -> bool:
+    start = region.data_ptr()
+    return start <= tensor.data_ptr() < start + region.numel()
+
+
+def recorded_tensors() -> dict[str, torch.Tensor]:
+    weight = torch.nn.Parameter(torch.randn(6, 4))
+    with torch.inference_mode():
+        frozen = torch.randn(5)  # refuses set_ outside inference mode: rebound through a view
+    tensors = {
+        "weight": weight,
+        "tied": weight.data[2:],  # another tensor over the weight's storage, 8 elements in
+        "transposed": torch.randn(3, 7).t(),
+        "frozen": frozen,
+        "detached": torch.randn(4).detach(),
+        "empty": torch.empty(0, 3),
+    }
+    for tensor in tensors.values():
+        registry.mark(tensor)
+    return tensors
+
+
+def test_a_packed_model_rebinds_onto_a_restored_copy_keeping_identity_layout_and_sharing(gpu):
+    tensors = recorded_tensors()
+    layouts = {name: (t.dtype, t.shape, t.stride(), t.storage_offset()) for name, t in tensors.items()}
+    values = {name: t.clone() for name, t in tensors.items()}
+    model = packing.pack(list(tensors.values()))
+    region = model.snapshot.region()
+    held = torch.cuda.memory_allocated()
+    assert held > 0
+    try:
+        for name, tensor in tensors.items():
+            assert tensor.numel() == 0 or inside(tensor, region), name
+
+        restored = region.clone()  # what a worker's restore leaves on its device
+        model.rebind(restored, keep_mark=True)
+
+        for name, tensor in tensors.items():
+            assert (tensor.dtype, tensor.shape, tensor.stride(), tensor.storage_offset()) == layouts[name], name
+            assert torch.equal(tensor, values[name]), name
+            assert tensor.numel() == 0 or inside(tensor, restored), name
+            assert registry.is_cuda(tensor) and tensor.device == torch.device("cuda", 0), name
+        weight, tied = tensors["weight"], tensors["tied"]
+        assert isinstance(weight, torch.nn.Parameter) and weight.requires_grad
+        assert tied.untyped_storage().data_ptr() == weight.untyped_storage().data_ptr()
+        with torch.no_grad():
+            weight[2, 0] = 42.0
+        assert tied[0, 0] == 42.0  # still one storage, as before packing
+        # The same storages, counted once each, now in the restored copy.
+        assert torch.cuda.memory_allocated() == held
+    finally:
+        model.close()
+
+
+def test_rebinding_without_the_mark_leaves_plain_tensors(gpu):
+    tensors = recorded_tensors()
+    model = packing.pack(list(tensors.values()))
+    try:
+        model.rebind(model.snapshot.region().clone(), keep_mark=False)
+        assert not any(registry.is_cuda(tensor) for tensor in tensors.values())
+        assert torch.cuda.memory_allocated() == 0
+    finally:
+        model.close()
