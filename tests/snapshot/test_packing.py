@@ -77,3 +77,35 @@ def test_rebinding_without_the_mark_leaves_plain_tensors(gpu):
         assert torch.cuda.memory_allocated() == 0
     finally:
         model.close()
+
+
+def test_a_rebind_is_no_write_to_autograd(gpu):
+    """`.data =` never counted as an in-place write; the in-place rebind must not either."""
+    weight = torch.nn.Parameter(torch.randn(4, 3))
+    registry.mark(weight)
+    with torch.no_grad():
+        half = weight[:2]  # a view made under no_grad: any later write to its base forbids its use
+    loss = (weight * weight).sum()  # a graph that saved the weight before the pack
+    version = weight._version
+    model = packing.pack([weight])
+    try:
+        model.rebind(model.snapshot.region().clone(), keep_mark=True)
+        assert weight._version == version
+        loss.backward()
+        assert torch.equal(weight.grad, 2 * weight.detach())
+        assert (half * 2).sum().requires_grad
+    finally:
+        model.close()
+
+
+def test_an_empty_tensor_placed_where_a_weight_starts_does_not_hide_the_weights_memory(gpu):
+    tensors = [torch.empty(0), torch.randn(1000), torch.empty(0, 4), torch.randn(10)]
+    for tensor in tensors:
+        registry.mark(tensor)
+    model = packing.pack(tensors)
+    try:
+        assert torch.cuda.memory_allocated() == 1000 * 4 + 10 * 4
+        model.rebind(model.snapshot.region().clone(), keep_mark=True)
+        assert torch.cuda.memory_allocated() == 1000 * 4 + 10 * 4
+    finally:
+        model.close()

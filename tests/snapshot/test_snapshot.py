@@ -684,7 +684,15 @@ def damage(name: str, how: str) -> None:
                 columns["dtype"][0] = "float7"
             elif how == "negative stride":
                 columns["stride"][0] = [-1]
+            elif how == "a field that is not a list":
+                columns["name"] = "wb"  # two one-letter names, were a string read as a list
+            elif how == "a size torch cannot hold":
+                columns["shape"][1], columns["stride"][1] = [1 << 70], [0]
+            elif how == "elements torch cannot count":
+                columns["shape"][1], columns["stride"][1] = [1 << 62, 4], [0, 0]
             manifest = json.dumps(columns).encode()
+            if how == "nested too deep":
+                manifest = b"[" * 2000 + b"]" * 2000  # deeper than the JSON reader recurses, in one page
             os.pwrite(fd, manifest, HEADER.size)
             os.pwrite(fd, HEADER.pack(magic, version, zlib.crc32(manifest), len(manifest), data_offset, nbytes), 0)
     finally:
@@ -702,6 +710,10 @@ def damage(name: str, how: str) -> None:
     ("fields of different lengths", "manifest .* is corrupt .*different numbers of entries"),
     ("unknown dtype", "manifest .* is corrupt .*float7"),
     ("negative stride", "manifest .* is corrupt .*malformed"),
+    ("a field that is not a list", "manifest .* is corrupt .*not a list"),
+    ("a size torch cannot hold", "manifest .* is corrupt .*malformed"),
+    ("elements torch cannot count", "manifest .* is corrupt .*malformed"),
+    ("nested too deep", "manifest .* is corrupt"),
 ])
 def test_attach_refuses_a_damaged_segment(how, message):
     with Snapshot.pack({"w": torch.randn(100), "b": torch.randn(3)}) as snapshot:
@@ -716,7 +728,8 @@ def test_attach_refuses_a_damaged_segment(how, message):
     torch.zeros(2, 2048, dtype=torch.uint8),
     torch.zeros(8192, dtype=torch.uint8)[::2],
     bytearray(4096),
-], ids=["short", "float", "2-d", "strided", "bytearray"])
+    torch.zeros(4096, dtype=torch.uint8, device="meta"),
+], ids=["short", "float", "2-d", "strided", "bytearray", "meta"])
 def test_views_refuses_a_buffer_of_the_wrong_kind(buffer):
     with Snapshot.pack({"w": torch.randn(1024)}) as snapshot:
         assert snapshot.nbytes == 4096

@@ -65,8 +65,9 @@ class Registry:
             self.memory.count(key, tensor, entry[1])
 
     def recount(self, placed: Iterable[tuple[torch.Tensor, torch.UntypedStorage]], index: int) -> None:
-        """After each tensor's data moved to the storage beside it: count it there, marking
-        those not marked yet on device `index` (`set` then `moved`, one lookup each)."""
+        """After each tensor's data moved to the storage beside it (which must be the
+        tensor's own storage now: it is not asked again): count it there, marking those not
+        marked yet on device `index` (`set` then `moved`, one lookup each)."""
         entries, memory = self._entries, self.memory
         for tensor, storage in placed:
             key = id(tensor)
@@ -119,6 +120,10 @@ class StorageAccounts:
 
     def add(self, holder: int, pointer: int, nbytes: int, index: int) -> None:
         """Count `holder` as holding the storage of `nbytes` at `pointer` on device `index`."""
+        if not nbytes:
+            # An empty storage holds nothing, and may start where another one does (a snapshot
+            # places it at the next storage's offset): it must not share that storage's account.
+            pointer = 0
         self._holders[holder] = (pointer, index)
         account = self._storages.get((pointer, index))
         if account is not None:

@@ -13,6 +13,7 @@ Storages in the data region start on an ALIGN boundary, large ones on a page
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import struct
 import zlib
@@ -75,6 +76,7 @@ def align_storage(cursor: int, nbytes: int) -> int:
 
 
 FIELDS = Entry._fields
+LIMIT = 1 << 63  # torch keeps sizes, strides and offsets in 64-bit signed integers
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
@@ -107,7 +109,7 @@ def read_manifest(name: str, segment: mmap.mmap) -> tuple[int, int, list[Entry]]
         raise SnapshotError(f"the manifest of snapshot {name} is corrupt (checksum mismatch): pack it again")
     try:
         entries = decode(json.loads(manifest), nbytes)
-    except (ValueError, TypeError, KeyError) as error:
+    except (ValueError, TypeError, KeyError, RecursionError) as error:
         raise SnapshotError(f"the manifest of snapshot {name} is corrupt ({error}): pack it again") from None
     if len({entry.name for entry in entries}) != len(entries):
         raise SnapshotError(f"the manifest of snapshot {name} is corrupt (a name appears twice): pack it again")
@@ -119,6 +121,8 @@ def decode(columns: dict, nbytes: int) -> list[Entry]:
     if not isinstance(columns, dict) or sorted(columns) != sorted(FIELDS):
         raise ValueError(f"its fields are {sorted(columns) if isinstance(columns, dict) else columns!r}, "
                          f"not {sorted(FIELDS)}")
+    if not all(type(column) is list for column in columns.values()):
+        raise ValueError("a field is not a list")
     if len({len(column) for column in columns.values()}) > 1:
         raise ValueError("its fields list different numbers of entries")
     return [checked(Entry(name, DTYPES[dtype], tuple(shape), tuple(stride), *numbers), nbytes)
@@ -129,7 +133,8 @@ def checked(entry: Entry, nbytes: int) -> Entry:
     """`entry`, or ValueError when it could not be a view of a data region of `nbytes`."""
     numbers = (*entry.shape, *entry.stride, entry.storage_offset, entry.offset, entry.nbytes)
     if not isinstance(entry.name, str) or len(entry.shape) != len(entry.stride) \
-            or not all(type(number) is int and number >= 0 for number in numbers):
+            or not all(type(number) is int and 0 <= number < LIMIT for number in numbers) \
+            or math.prod(entry.shape) >= LIMIT:
         raise ValueError(f"entry {entry.name!r} is malformed")
     if entry.offset + entry.nbytes > nbytes or entry.extent > entry.nbytes:
         raise ValueError(f"entry {entry.name!r} reaches past its storage or the data region")

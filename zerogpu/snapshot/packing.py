@@ -21,6 +21,16 @@ from ..errors import SerializationError
 from .snapshot import Snapshot
 
 
+# Puts tensors' version counters back, all in one call (torch 2.4 and later); without it a
+# rebind goes through a view for every tensor.
+set_versions = getattr(torch._C._autograd, "_unsafe_set_version_counter", None)
+try:
+    if set_versions is not None:
+        set_versions((), ())
+except TypeError:  # the one-tensor form of older releases
+    set_versions = None
+
+
 @dataclass
 class PackedModel:
     """A snapshot and, for each of its entries, the tensor object that holds it."""
@@ -50,28 +60,44 @@ class PackedModel:
 
     def rebind(self, buffer: torch.Tensor, *, keep_mark: bool = True) -> None:
         """Point every bound tensor at its place in `buffer`, the snapshot's data region in
-        host or device memory (see Snapshot.views)."""
+        host or device memory (see Snapshot.views).
+
+        Where the device stays the same, in place with `set_`: no tensor is made per entry,
+        which for a model of thousands of tensors is most of a worker's restore. `set_`
+        counts as a write, which `.data =` does not, so each tensor's version is put back
+        after: autograd would otherwise refuse graphs and no_grad views made before.
+        """
         snapshot = self.snapshot
         storages = snapshot.storages(buffer)
         device = buffer.device
+        in_place = set_versions is not None
         empty, set_data = torch.empty, torch.Tensor.data.__set__
         rebound: list[tuple[torch.Tensor, torch.UntypedStorage]] = []
-        with torch._C.DisableTorchFunction(), torch.no_grad(), collector_paused():
-            for (name, dtype, shape, stride, storage_offset, _, _), storage in zip(snapshot.entries, storages):
-                tensor = self.bindings[name]()
-                if tensor is None:
-                    continue
-                rebound.append((tensor, storage))
-                if tensor.device == device:
-                    try:
-                        # In place: no tensor made per entry, and in a forked worker no page
-                        # of the parent's touched but the tensor's own.
-                        tensor.set_(storage, storage_offset, shape, stride)
+        moved, versions = [], []
+        try:
+            with torch._C.DisableTorchFunction(), torch.no_grad(), collector_paused():
+                for entry, storage in zip(snapshot.entries, storages):
+                    tensor = self.bindings[entry.name]()
+                    if tensor is None:
                         continue
-                    except RuntimeError:
-                        pass  # a tensor made under inference_mode refuses set_ outside it
-                set_data(tensor, empty(0, dtype=dtype, device=device).set_(storage, storage_offset, shape, stride))
-        registry.recount(rebound, mark=keep_mark)
+                    if in_place and tensor.device == device:
+                        try:
+                            version = tensor._version
+                            tensor.set_(storage, entry.storage_offset, entry.shape, entry.stride)
+                            moved.append(tensor)
+                            versions.append(version)
+                            rebound.append((tensor, storage))
+                            continue
+                        except RuntimeError:
+                            pass  # e.g. a tensor made under inference_mode: it has no version to keep
+                    view = empty(0, dtype=entry.dtype, device=device)
+                    set_data(tensor, view.set_(storage, entry.storage_offset, entry.shape, entry.stride))
+                    rebound.append((tensor, storage))
+        finally:
+            # Whatever stopped the loop, the tensors it moved are counted where they now are.
+            if moved:
+                set_versions(moved, versions)
+            registry.recount(rebound, mark=keep_mark)
 
     @property
     def nbytes(self) -> int:

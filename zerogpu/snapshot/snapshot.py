@@ -198,10 +198,10 @@ class Snapshot:
         """The storage of each entry (in the order of `entries`) in `buffer`, a data region as
         `views` takes it; entries that share a storage get the same one."""
         if not isinstance(buffer, torch.Tensor) or buffer.dtype != torch.uint8 or buffer.dim() != 1 \
-                or not buffer.is_contiguous() or buffer.numel() != self.nbytes:
-            described = (f"a {buffer.dtype} tensor of shape {tuple(buffer.shape)}" if isinstance(buffer, torch.Tensor)
-                         else f"a {type(buffer).__name__}")
-            raise InvalidArgument(f"views() needs a contiguous 1-D torch.uint8 tensor of {self.nbytes} bytes "
+                or not buffer.is_contiguous() or buffer.numel() != self.nbytes or buffer.is_meta:
+            described = (f"a {buffer.dtype} tensor of shape {tuple(buffer.shape)} on {buffer.device}"
+                         if isinstance(buffer, torch.Tensor) else f"a {type(buffer).__name__}")
+            raise InvalidArgument(f"views() needs a contiguous 1-D torch.uint8 tensor of {self.nbytes} bytes with data "
                                   f"(Snapshot.nbytes); got {described}")
         whole = buffer.untyped_storage()
         start = buffer.storage_offset()
@@ -355,6 +355,7 @@ def layout_storages(items: list[tuple[str, torch.Tensor]]) -> tuple[list[Entry],
             blocks.append([(start, length)])
             end = start + length
     blocks += [[key] for key in first_use if key[1] == 0]
+    # (Most blocks are one storage: that case is spelled out, once per tensor of a large model.)
     blocks.sort(key=lambda block: first_use[block[0]][0] if len(block) == 1
                 else min(first_use[key][0] for key in block))
 
