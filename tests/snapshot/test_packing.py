@@ -109,3 +109,38 @@ def test_an_empty_tensor_placed_where_a_weight_starts_does_not_hide_the_weights_
         assert torch.cuda.memory_allocated() == 1000 * 4 + 10 * 4
     finally:
         model.close()
+
+
+def test_the_memory_count_follows_restores_and_tensors_that_die(gpu):
+    kept, dropped = torch.randn(1000), torch.randn(500)
+    registry.mark(kept)
+    registry.mark(dropped)
+    model = packing.pack([kept, dropped])
+    try:
+        assert torch.cuda.memory_allocated() == 1500 * 4
+        del dropped  # its binding dies before the restore: nothing of it is rebound
+        assert torch.cuda.memory_allocated() == 1000 * 4
+        first = model.snapshot.region().clone()
+        model.rebind(first, keep_mark=True)
+        assert torch.cuda.memory_allocated() == 1000 * 4
+        second = model.snapshot.region().clone()
+        model.rebind(second, keep_mark=True)  # a second restore moves the count again, not adds to it
+        assert torch.cuda.memory_allocated() == 1000 * 4
+        assert inside(kept, second) and not inside(kept, first)
+        del kept
+        assert torch.cuda.memory_allocated() == 0
+    finally:
+        model.close()
+
+
+def test_a_rebind_marks_a_bound_tensor_that_was_not_marked(gpu):
+    tensor = torch.randn(64)
+    registry.mark(tensor)
+    model = packing.pack([tensor])
+    try:
+        registry.unmark(tensor)
+        assert torch.cuda.memory_allocated() == 0
+        model.rebind(model.snapshot.region().clone(), keep_mark=True)
+        assert registry.is_cuda(tensor) and torch.cuda.memory_allocated() == 64 * 4
+    finally:
+        model.close()
