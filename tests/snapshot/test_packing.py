@@ -8,9 +8,11 @@ shares, and the emulated devices count its memory where it now lives.
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from zerogpu.cuda import registry
+from zerogpu.errors import InvalidArgument
 from zerogpu.snapshot import packing
 
 
@@ -142,5 +144,51 @@ def test_a_rebind_marks_a_bound_tensor_that_was_not_marked(gpu):
         assert torch.cuda.memory_allocated() == 0
         model.rebind(model.snapshot.region().clone(), keep_mark=True)
         assert registry.is_cuda(tensor) and torch.cuda.memory_allocated() == 64 * 4
+    finally:
+        model.close()
+
+
+def test_a_buffer_of_the_wrong_size_is_refused_before_any_tensor_moves(gpu):
+    tensors = recorded_tensors()
+    model = packing.pack(list(tensors.values()))
+    try:
+        region = model.snapshot.region()
+        pointers = {name: t.data_ptr() for name, t in tensors.items()}
+        with pytest.raises(InvalidArgument, match=f"1-D torch.uint8 tensor of {model.nbytes} bytes"):
+            model.rebind(torch.zeros(model.nbytes - 1, dtype=torch.uint8), keep_mark=True)
+        assert {name: t.data_ptr() for name, t in tensors.items()} == pointers
+        assert all(t.numel() == 0 or inside(t, region) for t in tensors.values())
+    finally:
+        model.close()
+
+
+def test_a_rebind_stopped_half_way_counts_each_tensor_where_it_is(gpu, monkeypatch):
+    tensors = [torch.nn.Parameter(torch.randn(100 * (i + 1))) for i in range(4)]
+    for tensor in tensors:
+        registry.mark(tensor)
+    model = packing.pack(tensors)
+    try:
+        held = torch.cuda.memory_allocated()
+        calls = []
+        set_ = torch.Tensor.set_
+
+        def stop_at_the_third(self, *args):
+            calls.append(self)
+            if len(calls) == 3:
+                raise KeyboardInterrupt
+            return set_(self, *args)
+
+        monkeypatch.setattr(torch.Tensor, "set_", stop_at_the_third)
+        restored = model.snapshot.region().clone()
+        with pytest.raises(KeyboardInterrupt):
+            model.rebind(restored, keep_mark=True)
+        monkeypatch.undo()
+        assert [inside(t, restored) for t in tensors] == [True, True, False, False]
+        assert all(t._version == 0 for t in tensors)  # the two moved had their versions put back
+        assert torch.cuda.memory_allocated() == held
+        # Each tensor is counted under the storage it now has, moved or not, so that its count
+        # goes when that storage does.
+        holders = registry.marked.memory._holders
+        assert [holders[id(t)][0] for t in tensors] == [t.untyped_storage().data_ptr() for t in tensors]
     finally:
         model.close()

@@ -398,25 +398,15 @@ class SnapshotLike(Protocol):
 
 
 def restore_snapshot(
-    snapshot: SnapshotLike,
-    device: str | torch.device | None = None,
-    *,
-    engine: Engine | None = None,
-    strategy: str | None = None,
-    chunk_bytes: int | None = None,
-    streams: int | None = None,
-    threads: int | None = None,
+    snapshot: SnapshotLike, device: str | torch.device | None = None, **options: Any,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], RestoreStats]:
     """Copy a snapshot's data region into one new device buffer and rebuild its tensors over it.
 
-    `device` is "cuda" (or "cuda:N") for the CUDA backend, "cpu" for the
-    emulated one; it may be left out when `engine` is given. Without
-    `engine`, one is made for this call and closed after it. Returns the
-    buffer, the tensors as views of it by name, and the restore's figures.
-    A failed restore raises CudaError and frees the buffer.
+    `restore_region`, which takes the same `device` and keyword `options`, then
+    `snapshot.views`. Returns the buffer, the tensors as views of it by name,
+    and the restore's figures.
     """
-    buffer, stats = restore_region(snapshot, device, engine=engine, strategy=strategy, chunk_bytes=chunk_bytes,
-                                   streams=streams, threads=threads)
+    buffer, stats = restore_region(snapshot, device, **options)
     return buffer, snapshot.views(buffer), stats
 
 
@@ -430,8 +420,15 @@ def restore_region(
     streams: int | None = None,
     threads: int | None = None,
 ) -> tuple[torch.Tensor, RestoreStats]:
-    """`restore_snapshot` without rebuilding the tensors: the buffer and the figures, for a
-    caller that points its own tensors at the buffer (the runtime's PackedModel.rebind)."""
+    """Copy a snapshot's data region into one new device buffer; return it and the restore's figures.
+
+    `device` is "cuda" (or "cuda:N") for the CUDA backend, "cpu" for the
+    emulated one; it may be left out when `engine` is given. Without
+    `engine`, one is made for this call and closed after it. A failed restore
+    raises CudaError and frees the buffer. The runtime calls this and points
+    its own tensors at the buffer (PackedModel.rebind); `restore_snapshot`
+    rebuilds new ones.
+    """
     address, nbytes = _snapshot_region(snapshot)
     backend, index = _backend_for(device, engine)
     own_engine = engine is None

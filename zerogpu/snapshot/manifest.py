@@ -60,6 +60,11 @@ class Entry(NamedTuple):
     offset: int
     nbytes: int
 
+    def over(self, storage: torch.UntypedStorage, device: torch.device) -> torch.Tensor:
+        """A new tensor of this entry over `storage`, its storage (restored, or in the segment)."""
+        return torch.empty(0, dtype=self.dtype, device=device).set_(storage, self.storage_offset, self.shape,
+                                                                     self.stride)
+
     @property
     def extent(self) -> int:
         """Bytes from the start of the storage to the end of the tensor's last element."""

@@ -71,7 +71,7 @@ class PackedModel:
         storages = snapshot.storages(buffer)
         device = buffer.device
         in_place = set_versions is not None
-        empty, set_data = torch.empty, torch.Tensor.data.__set__
+        set_data = torch.Tensor.data.__set__
         rebound: list[tuple[torch.Tensor, torch.UntypedStorage]] = []
         moved, versions = [], []
         try:
@@ -90,8 +90,7 @@ class PackedModel:
                             continue
                         except RuntimeError:
                             pass  # e.g. a tensor made under inference_mode: it has no version to keep
-                    view = empty(0, dtype=entry.dtype, device=device)
-                    set_data(tensor, view.set_(storage, entry.storage_offset, entry.shape, entry.stride))
+                    set_data(tensor, entry.over(storage, device))
                     rebound.append((tensor, storage))
         finally:
             # Whatever stopped the loop, the tensors it moved are counted where they now are.

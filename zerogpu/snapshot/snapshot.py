@@ -188,11 +188,9 @@ class Snapshot:
         """The tensors rebuilt over `buffer`: any 1-D uint8 tensor of `nbytes` on any device
         holding this snapshot's data region (a copy restored to a GPU, for instance)."""
         storages = self.storages(buffer)
-        empty, device = torch.empty, buffer.device
         # No torch function mode on the way (a worker's emulation), no collection set off.
         with torch._C.DisableTorchFunction(), collector_paused():
-            return {name: empty(0, dtype=dtype, device=device).set_(storage, storage_offset, shape, stride)
-                    for (name, dtype, shape, stride, storage_offset, _, _), storage in zip(self.entries, storages)}
+            return {entry.name: entry.over(storage, buffer.device) for entry, storage in zip(self.entries, storages)}
 
     def storages(self, buffer: torch.Tensor) -> list[torch.UntypedStorage]:
         """The storage of each entry (in the order of `entries`) in `buffer`, a data region as
@@ -355,16 +353,14 @@ def layout_storages(items: list[tuple[str, torch.Tensor]]) -> tuple[list[Entry],
             blocks.append([(start, length)])
             end = start + length
     blocks += [[key] for key in first_use if key[1] == 0]
-    # (Most blocks are one storage: that case is spelled out, once per tensor of a large model.)
-    blocks.sort(key=lambda block: first_use[block[0]][0] if len(block) == 1
-                else min(first_use[key][0] for key in block))
+    blocks.sort(key=lambda block: min(first_use[key][0] for key in block))
 
     places: dict[tuple[int, int], int] = {}
     copies = []
     cursor = 0
     for block in blocks:
         base = block[0][0]
-        length = block[0][1] if len(block) == 1 else max(start + size for start, size in block) - base
+        length = max(start + size for start, size in block) - base
         offset = align_storage(cursor, length)
         for key in block:
             places[key] = offset + key[0] - base
