@@ -35,6 +35,14 @@ class NotPicklable(Exception):
         self.lock = threading.Lock()
 
 
+def gone(pid: int) -> bool:
+    """Whether `pid` has exited (a zombie not yet reaped counts): the reap may come between two looks."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def held_leases() -> int:
     return len(scheduler().status()["leases"])
 
@@ -478,7 +486,7 @@ def test_cancelled_async_call_kills_its_worker(gpu, tmp_path):
     deadline = time.monotonic() + 120  # a hang guard, not a timing
     while held_leases() and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert not psutil.pid_exists(worker_pid) or psutil.Process(worker_pid).status() == psutil.STATUS_ZOMBIE
+    assert gone(worker_pid)
 
 
 @pytest.mark.slow
@@ -723,7 +731,7 @@ def test_warm_worker_goes_when_its_idle_time_ends(gpu, monkeypatch):
 
     first = pid()
     deadline = time.monotonic() + 120  # a hang guard, not a timing
-    while psutil.pid_exists(first) and psutil.Process(first).status() != psutil.STATUS_ZOMBIE:
+    while not gone(first):
         assert time.monotonic() < deadline, "the idle worker was not ended"
         time.sleep(0.02)
     while held_leases() and time.monotonic() < deadline:
@@ -748,7 +756,7 @@ def test_warm_worker_is_evicted_when_its_device_is_wanted(gpu, monkeypatch):
 
     idle_pid = first()
     assert second() != idle_pid
-    assert not psutil.pid_exists(idle_pid) or psutil.Process(idle_pid).status() == psutil.STATUS_ZOMBIE
+    assert gone(idle_pid)
     runtime_pool_close()
 
 
