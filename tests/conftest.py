@@ -225,6 +225,15 @@ def postgres_url(postgres_server):
     return postgres_server.new_database()
 
 
+def gone(pid: int) -> bool:
+    """Whether process `pid` has exited (a zombie not yet reaped counts). Asked once: a reap
+    between two looks (pid_exists, then Process) would raise instead of answering."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def wait_until(condition, timeout: float = 30.0, step: float = 0.05):
     """Poll `condition` until it holds (a hang guard, not a timing assertion)."""
     deadline = time.monotonic() + timeout

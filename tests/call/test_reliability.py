@@ -23,6 +23,7 @@ import torch
 
 import zerogpu
 from zerogpu.snapshot import segments
+from conftest import gone
 
 HANG_GUARD = 120.0  # seconds; a call that takes this long is hung, however busy the machine
 
@@ -47,12 +48,6 @@ def call_in_thread(fn, *args):
         return False, outcome
     return True, outcome
 
-
-def gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 def wait_gone(pid: int) -> bool:

@@ -27,6 +27,7 @@ import torch
 import zerogpu
 from zerogpu import runtime
 from zerogpu.schedule.choice import scheduler
+from conftest import gone
 
 
 class NotPicklable(Exception):
@@ -34,13 +35,6 @@ class NotPicklable(Exception):
         super().__init__(message)
         self.lock = threading.Lock()
 
-
-def gone(pid: int) -> bool:
-    """Whether `pid` has exited (a zombie not yet reaped counts): the reap may come between two looks."""
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 def held_leases() -> int:

@@ -14,6 +14,7 @@ from zerogpu import runtime
 from zerogpu.call import teardown as leaving
 from zerogpu.call.warm import pool
 from zerogpu.schedule.choice import scheduler
+from conftest import gone
 
 
 def held_leases() -> int:
@@ -23,13 +24,6 @@ def held_leases() -> int:
 def used_seconds() -> float:
     return sum(entry["used"] for entry in scheduler().status()["quota"])
 
-
-def gone(pid: int) -> bool:
-    # The reap may come between two looks at the process.
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import httpx
-import psutil
 import pytest
 import uvicorn
 from fastapi import FastAPI
@@ -27,6 +26,7 @@ from zerogpu.schedule.quota import this_process
 from zerogpu.schedule.quota_sqlite import SQLiteLedger
 from zerogpu.schedule.choice import reset_scheduler, scheduler
 from zerogpu.schedule.leases import LeaseRequest
+from conftest import gone
 
 HANG_GUARD = 60.0
 
@@ -317,13 +317,6 @@ def leave(url: str, timeout: float) -> str:
     assert done.returncode == 0, done.stderr
     return done.stdout.strip()
 
-
-def gone(pid: int) -> bool:
-    # The reap may come between two looks at the process.
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 def test_a_client_that_leaves_a_stream_cancels_its_call(served):
