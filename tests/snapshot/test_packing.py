@@ -8,6 +8,13 @@ shares, and the emulated devices count its memory where it now lives.
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
+import threading
+import time
+import weakref
+
 import pytest
 import torch
 
@@ -192,3 +199,121 @@ def test_a_rebind_stopped_half_way_counts_each_tensor_where_it_is(gpu, monkeypat
         assert [holders[id(t)][0] for t in tensors] == [t.untyped_storage().data_ptr() for t in tensors]
     finally:
         model.close()
+
+
+def test_packing_gives_each_tensor_a_new_impl_and_keeps_everything_a_user_sees(gpu):
+    """The pack replaces each plain tensor's TensorImpl with one made beside the others (so a
+    worker's rebind writes to few pages); the Python object, and all it carries, stays."""
+    module = torch.nn.Linear(4, 3)
+    frozen = torch.nn.Parameter(torch.randn(5), requires_grad=False)
+    buffer = torch.randn(6)
+    with torch.no_grad():
+        module.weight.add_(1)  # a version other than 0, which must survive the swap
+    module.weight.note = "kept"
+    tensors = [module.weight, module.bias, frozen, buffer]
+    for tensor in tensors:
+        registry.mark(tensor)
+    refs = [weakref.ref(t) for t in tensors]
+    impls = [t._cdata for t in tensors]
+    versions = [t._version for t in tensors]
+    values = [t.detach().clone() for t in tensors]
+    model = packing.pack(tensors)
+    try:
+        region = model.snapshot.region()
+        assert [ref() for ref in refs] == tensors
+        assert all(t._cdata != impl for t, impl in zip(tensors, impls))
+        assert [t._version for t in tensors] == versions
+        assert [type(t) for t in tensors] == [torch.nn.Parameter] * 3 + [torch.Tensor]
+        assert [t.requires_grad for t in tensors] == [True, True, False, False]
+        assert module.weight.note == "kept" and module.weight is tensors[0]
+        for tensor, value in zip(tensors, values):
+            assert inside(tensor, region) and torch.equal(tensor, value)
+            assert registry.is_cuda(tensor)
+        module(torch.randn(2, 4, device="cuda")).sum().backward()
+        assert module.weight.grad.shape == (3, 4) and module.bias.grad.shape == (3,)
+    finally:
+        model.close()
+
+
+def test_a_tensor_whose_impl_something_else_holds_keeps_it_and_still_moves(gpu):
+    """A view of it, a grad, a hook, a graph: each lives on the impl, so the tensor keeps its
+    impl and is rebound in place, with all of them."""
+    viewed = torch.randn(8, device="cuda")
+    view = viewed[2:]
+    graded = torch.nn.Parameter(torch.randn(3, device="cuda"))
+    graded.grad = torch.ones(3, device="cuda")
+    hooked = torch.nn.Parameter(torch.randn(3, device="cuda"))
+    fired = []
+    hooked.register_hook(lambda grad: fired.append("hook"))
+    accumulated = torch.nn.Parameter(torch.randn(3, device="cuda"))
+    accumulated.register_post_accumulate_grad_hook(lambda tensor: fired.append("accumulated"))
+    saved = torch.nn.Parameter(torch.randn(3, device="cuda"))
+    loss = (saved * saved).sum()
+    tensors = [viewed, graded, hooked, accumulated, saved]
+    impls = [t._cdata for t in tensors]
+    model = packing.pack(tensors)
+    try:
+        region = model.snapshot.region()
+        assert [t._cdata for t in tensors] == impls
+        assert all(inside(t, region) for t in tensors)
+        assert view._base is viewed
+        assert torch.equal(graded.grad, torch.ones(3, device="cuda"))
+        ((hooked * 2).sum() + (accumulated * 2).sum()).backward()
+        assert sorted(fired) == ["accumulated", "hook"]
+        loss.backward()
+        assert torch.equal(saved.grad, 2 * saved.detach())
+    finally:
+        model.close()
+
+
+def test_a_pack_that_fails_while_swapping_impls_counts_each_tensor_where_it_is(gpu, monkeypatch):
+    tensors = [torch.nn.Parameter(torch.randn(10 * (i + 1))) for i in range(4)]
+    for tensor in tensors:
+        registry.mark(tensor)
+    values = [t.detach().clone() for t in tensors]
+    held = torch.cuda.memory_allocated()
+    swaps = []
+    swap = packing.swap_impl
+
+    def fail_at_the_third(tensor, fresh):
+        swaps.append(tensor)
+        if len(swaps) == 3:
+            raise RuntimeError("the swap failed")
+        swap(tensor, fresh)
+
+    monkeypatch.setattr(packing, "swap_impl", fail_at_the_third)
+    with pytest.raises(RuntimeError, match="the swap failed"):
+        packing.pack(tensors)
+    assert [t._version for t in tensors] == [0] * 4
+    assert all(torch.equal(t, value) for t, value in zip(tensors, values))
+    holders = registry.marked.memory._holders
+    assert [holders[id(t)][0] for t in tensors] == [t.untyped_storage().data_ptr() for t in tensors]
+    assert torch.cuda.memory_allocated() == held
+
+
+def test_a_job_run_on_a_new_thread_gives_its_error_and_is_waited_for_when_interrupted():
+    with pytest.raises(ValueError, match="from the job"):
+        packing.run_on_new_thread(lambda: (_ for _ in ()).throw(ValueError("from the job")))
+
+    main = threading.main_thread().ident
+    finished = threading.Event()
+
+    def waited_for() -> bool:
+        frame = sys._current_frames()[main]
+        if frame.f_code.co_name != "wait":
+            return False
+        while frame.f_code.co_name == "wait":  # Condition.wait, in Event.wait
+            frame = frame.f_back
+        return frame.f_code.co_name == "run_on_new_thread"  # not Thread.start's wait
+
+    def job():
+        # Interrupt the caller once it waits for this job, then go on working.
+        while not waited_for():
+            time.sleep(0.001)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.2)
+        finished.set()
+
+    with pytest.raises(KeyboardInterrupt):
+        packing.run_on_new_thread(job)
+    assert finished.is_set()
