@@ -280,11 +280,11 @@ def checked_tensors(tensors: Mapping[str, torch.Tensor]) -> list[tuple[str, torc
     if not isinstance(tensors, Mapping):
         raise InvalidArgument(f"Snapshot.pack takes a mapping of names to tensors, not a {type(tensors).__name__}")
     items = []
-    cpu, strided = torch.device("cpu"), torch.strided
+    strided = torch.strided
     with torch._C.DisableTorchFunction():
         for name, tensor in tensors.items():
             # One look at the common case (a dense CPU tensor), the full check only for the others.
-            if type(name) is str and isinstance(tensor, torch.Tensor) and tensor.device == cpu \
+            if type(name) is str and isinstance(tensor, torch.Tensor) and tensor.is_cpu \
                     and tensor.layout == strided and not (tensor.is_nested or tensor.is_quantized
                                                           or tensor.is_conj() or tensor.is_neg()):
                 items.append((name, tensor))
@@ -343,31 +343,34 @@ def layout_storages(items: list[tuple[str, torch.Tensor]]) -> tuple[list[Entry],
 
     # Merge storages that overlap into blocks (empty ones overlap nothing), then lay the
     # blocks out in the order their tensors came, so the region follows the caller's order.
-    blocks: list[list[tuple[int, int]]] = []
+    # A block: [its first tensor's index, its start, its end, its storages' keys].
+    blocks: list[list] = []
     end = 0
-    for start, length in sorted(key for key in first_use if key[1] > 0):
+    for key in sorted(key for key in first_use if key[1] > 0):
+        start, length = key
         if blocks and start < end:
-            blocks[-1].append((start, length))
-            end = max(end, start + length)
+            block = blocks[-1]
+            block[0] = min(block[0], first_use[key][0])
+            block[2] = end = max(end, start + length)
+            block[3].append(key)
         else:
-            blocks.append([(start, length)])
             end = start + length
-    blocks += [[key] for key in first_use if key[1] == 0]
-    blocks.sort(key=lambda block: min(first_use[key][0] for key in block))
+            blocks.append([first_use[key][0], start, end, [key]])
+    blocks += [[first_use[key][0], 0, 0, [key]] for key in first_use if key[1] == 0]
+    blocks.sort()
 
     places: dict[tuple[int, int], int] = {}
-    copies = []
     cursor = 0
-    for block in blocks:
-        base = block[0][0]
-        length = max(start + size for start, size in block) - base
+    for _, base, end, keys in blocks:
+        length = end - base
         offset = align_storage(cursor, length)
-        for key in block:
-            places[key] = offset + key[0] - base
-            # Members of one block copy the bytes they share more than once: rare, and
-            # simpler than reading raw memory that no single storage covers.
-            copies.append((storage_bytes(first_use[key][1]), places[key]))
+        for key in keys:
+            places[key] = offset + key[0] - base if length else offset
         cursor = offset + length
+    # Members of one block copy the bytes they share more than once: rare, and simpler
+    # than reading raw memory that no single storage covers. (`first_use` holds every
+    # storage, so the views stay valid for the pack.)
+    copies = list(zip(memory_views(list(places)), places.values()))
 
     entries = [Entry(name, dtype, shape, stride, storage_offset, places[key], key[1])
                for name, dtype, shape, stride, storage_offset, key in described]
@@ -418,12 +421,21 @@ def write_copies(fd: int, copies: list[tuple[memoryview, int]], data_offset: int
     flush()
 
 
-def storage_bytes(storage: torch.UntypedStorage) -> memoryview:
-    """The bytes of a CPU storage, without copying them: valid while the storage lives (a pack's length)."""
-    nbytes = storage.nbytes()
-    if nbytes == 0:
-        return memoryview(b"")
-    return memoryview((ctypes.c_char * nbytes).from_address(storage.data_ptr())).cast("B")
+def memory_views(extents: list[tuple[int, int]]) -> list[memoryview]:
+    """A view of each (address, length) of this process's memory (CPU storages), without
+    copying: valid while what lies there lives.
+
+    All are slices of one view that spans them, which for a model of many small tensors
+    costs a tenth of a ctypes array for each. The span also covers memory between them
+    that may not even be mapped; only the slices are ever read.
+    """
+    used = [(address, length) for address, length in extents if length]
+    if not used:
+        return [memoryview(b"") for _ in extents]
+    low = min(address for address, _ in used)
+    high = max(address + length for address, length in used)
+    span = memoryview((ctypes.c_char * (high - low)).from_address(low)).cast("B")
+    return [span[address - low:address - low + length] for address, length in extents]
 
 
 
