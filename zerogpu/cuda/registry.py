@@ -68,15 +68,16 @@ class Registry:
         """After each tensor's data moved to the storage beside it (which must be the
         tensor's own storage now: it is not asked again): count it there, marking those not
         marked yet on device `index` (`set` then `moved`, one lookup each)."""
-        entries, memory = self._entries, self.memory
+        entries = self._entries
+        moves = []
         for tensor, storage in placed:
             key = id(tensor)
             entry = entries.get(key)
             if entry is None or entry[0]() is not tensor:
                 self.set(tensor, index)
                 continue
-            memory.forget(key)
-            memory.add(key, storage.data_ptr(), storage.nbytes(), entry[1])
+            moves.append((key, storage, entry[1]))
+        self.memory.move(moves)
 
     def discard(self, tensor: torch.Tensor) -> None:
         key = id(tensor)
@@ -133,6 +134,36 @@ class StorageAccounts:
         allocated = self.allocated[index] = self.allocated.get(index, 0) + nbytes
         if allocated > self.peak.get(index, 0):
             self.peak[index] = allocated
+
+    def move(self, moves: list[tuple[int, torch.UntypedStorage, int]]) -> None:
+        """Count each (holder, storage, device index) under that storage instead of the one it
+        was counted under: `forget` then `add` for each, in one pass that asks each storage
+        once (a restore moves thousands of tensors, many of them sharing storages)."""
+        holders, accounts, allocated = self._holders, self._storages, self.allocated
+        looked: dict[int, tuple[int, int]] = {}
+        for holder, storage, index in moves:
+            place = holders.get(holder)
+            if place is not None:
+                account = accounts[place]
+                account[0] -= 1
+                if not account[0]:
+                    del accounts[place]
+                    allocated[place[1]] -= account[1]
+            extent = looked.get(id(storage))
+            if extent is None:
+                extent = looked[id(storage)] = (storage.data_ptr(), storage.nbytes())
+            pointer, nbytes = extent
+            if not nbytes:
+                pointer = 0  # as in add: an empty storage shares no other storage's account
+            place = holders[holder] = (pointer, index)
+            account = accounts.get(place)
+            if account is not None:
+                account[0] += 1
+            else:
+                accounts[place] = [1, nbytes]
+                allocated[index] = allocated.get(index, 0) + nbytes
+        for index in {index for _, _, index in moves}:
+            self.peak[index] = max(self.peak.get(index, 0), allocated.get(index, 0))
 
     def forget(self, holder: int) -> None:
         place = self._holders.pop(holder, None)
