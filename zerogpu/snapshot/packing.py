@@ -7,6 +7,7 @@ weights exist once in host memory and a forked worker inherits them for free.
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
 import threading
 import weakref
@@ -69,6 +70,13 @@ class PackedModel:
     def _lost(self, _: weakref.ref) -> None:
         self.held -= 1
 
+    @functools.cached_property
+    def refs(self) -> list[weakref.ref]:
+        """The binding of each entry, in the snapshot's order: made once, when packing, so
+        that a worker's rebind looks up no names (each look-up writes to the name's refcount,
+        on a page the worker then copies)."""
+        return [self.bindings[entry.name] for entry in self.snapshot.entries]
+
     def live_tensors(self) -> list[torch.Tensor]:
         return [t for ref in self.bindings.values() if (t := ref()) is not None]
 
@@ -102,8 +110,8 @@ class PackedModel:
         renewed: list[tuple[torch.Tensor, torch.Tensor, torch.UntypedStorage]] = []
         try:
             with torch._C.DisableTorchFunction(), torch.no_grad(), collector_paused():
-                for entry, storage in zip(snapshot.entries, storages):
-                    tensor = self.bindings[entry.name]()
+                for ref, entry, storage in zip(self.refs, snapshot.entries, storages):
+                    tensor = ref()
                     if tensor is None:
                         continue
                     if in_place and tensor.device == device:

@@ -19,8 +19,11 @@ owners that died without unlinking them.
 """
 
 from __future__ import annotations
+
+import array
 import ctypes
 import errno
+import functools
 import mmap
 import os
 import resource
@@ -203,20 +206,35 @@ class Snapshot:
                                   f"(Snapshot.nbytes); got {described}")
         whole = buffer.untyped_storage()
         start = buffer.storage_offset()
+        starts, ends, which = self._distinct_storages
         # A slice of an UntypedStorage is a storage that starts at that byte and keeps the whole
         # one alive, so each rebuilt tensor has its own storage_offset back. (Sliced through the
         # base class: torch's subclass adds a Python frame per slice to refuse meta storages.)
         slice_storage = torch._C.StorageBase.__getitem__
-        made: dict[tuple[int, int], torch.UntypedStorage] = {}
-        storages = []
         with collector_paused():
-            for entry in self.entries:
-                storage = made.get((entry.offset, entry.nbytes))
-                if storage is None:
-                    begin = start + entry.offset
-                    storage = made[entry.offset, entry.nbytes] = slice_storage(whole, slice(begin, begin + entry.nbytes))
-                storages.append(storage)
-        return storages
+            distinct = [slice_storage(whole, slice(start + first, start + end)) for first, end in zip(starts, ends)]
+            return [distinct[index] for index in which]
+
+    @functools.cached_property
+    def _distinct_storages(self) -> tuple[array.array, array.array, array.array]:
+        """Where each distinct storage starts and ends in the data region, and the index of
+        each entry's among them.
+
+        Numbers in arrays, worked out once in the process that packed: a worker forked
+        from it reads them without writing to any object it shares with that process (as
+        the refcounts of entries' fields would), so none of their pages is copied.
+        """
+        starts, ends, which = array.array("q"), array.array("q"), array.array("q")
+        seen: dict[tuple[int, int], int] = {}
+        for entry in self.entries:
+            key = (entry.offset, entry.nbytes)
+            index = seen.get(key)
+            if index is None:
+                index = seen[key] = len(starts)
+                starts.append(entry.offset)
+                ends.append(entry.offset + entry.nbytes)
+            which.append(index)
+        return starts, ends, which
 
     def save_safetensors(self, path: str | os.PathLike) -> None:
         """Write the tensors to a `.safetensors` file, streamed from the segment.
