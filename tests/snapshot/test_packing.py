@@ -317,3 +317,23 @@ def test_a_job_run_on_a_new_thread_gives_its_error_and_is_waited_for_when_interr
     with pytest.raises(KeyboardInterrupt):
         packing.run_on_new_thread(job)
     assert finished.is_set()
+
+
+def test_a_tensor_packed_unmarked_is_marked_on_the_callers_device():
+    """The pack's rebind runs on a thread of its own; the device it marks on is still the caller's."""
+    from zerogpu.cuda import emulation
+
+    emulation.patch(emulation.DeviceInfo(name="Test GPU", total_memory=2**30, major=8, minor=6,
+                                         multi_processor_count=10, count=2))
+    try:
+        tensor = torch.randn(16)
+        torch.cuda.set_device(1)
+        model = packing.pack([tensor])
+        try:
+            assert registry.is_cuda(tensor) and tensor.device == torch.device("cuda", 1)
+        finally:
+            model.close()
+    finally:
+        torch.cuda.set_device(0)
+        emulation.unpatch()
+        registry.unmark(tensor)

@@ -16,7 +16,7 @@ from typing import Callable, Hashable
 
 import torch
 
-from ..cuda import emulation
+from ..cuda import emulated_devices, emulation
 from ..cuda import registry
 from ..cuda.registry import collector_paused
 from ..errors import SerializationError
@@ -174,7 +174,13 @@ def pack(tensors: list[torch.Tensor], progress: Callable[[int], None] | None = N
         # On a thread of its own: glibc gives a new thread a malloc arena of its own, so
         # the new impls (see rebind) are laid out together there rather than in the holes
         # this process's main heap has from every tensor it freed since it started.
-        run_on_new_thread(lambda: model.rebind(snapshot.region(), keep_mark=True, renew=True))
+        device = emulated_devices.current_index()  # the caller's, which is kept per thread
+
+        def renew() -> None:
+            emulated_devices.set_current_index(device)
+            model.rebind(snapshot.region(), keep_mark=True, renew=True)
+
+        run_on_new_thread(renew)
         del named
     give_back_freed_memory()
     return model
