@@ -337,3 +337,19 @@ def test_a_tensor_packed_unmarked_is_marked_on_the_callers_device():
         torch.cuda.set_device(0)
         emulation.unpatch()
         registry.unmark(tensor)
+
+
+def test_a_parameter_and_the_tensor_it_wraps_still_share_their_version_after_packing(gpu):
+    """They share a version counter: a write through the tensor must still make a graph that
+    saved the parameter refuse to run backward, rather than give a wrong gradient."""
+    base = torch.randn(3, device="cuda")
+    weight = torch.nn.Parameter(base)
+    model = packing.pack([weight, base])
+    try:
+        loss = (weight * weight).sum()
+        with torch.no_grad():
+            base.mul_(2)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
+    finally:
+        model.close()

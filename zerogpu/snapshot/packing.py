@@ -6,6 +6,7 @@ weights exist once in host memory and a forked worker inherits them for free.
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import functools
 import gc
@@ -108,6 +109,11 @@ class PackedModel:
         rebound: list[tuple[torch.Tensor, torch.UntypedStorage]] = []
         moved, versions = [], []
         renewed: list[tuple[torch.Tensor, torch.Tensor, torch.UntypedStorage]] = []
+        # Tensors that share a storage (tied weights, a Parameter and the tensor it wraps) may
+        # share a version counter too, which autograd relies on to see a write through one of
+        # them; a new impl would have a counter of its own, so only a storage's sole tensor
+        # is renewed.
+        sharers = collections.Counter(map(id, storages)) if renew else None
         try:
             with torch._C.DisableTorchFunction(), torch.no_grad(), collector_paused():
                 for ref, entry, storage in zip(self.refs, snapshot.entries, storages):
@@ -115,7 +121,7 @@ class PackedModel:
                     if tensor is None:
                         continue
                     if in_place and tensor.device == device:
-                        if renew and renewable(tensor):
+                        if renew and sharers[id(storage)] == 1 and renewable(tensor):
                             renewed.append((tensor, entry.over(storage, device), storage))
                             continue
                         try:
