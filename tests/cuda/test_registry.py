@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from zerogpu.cuda.registry import StorageAccounts
+from zerogpu.cuda.registry import Registry, StorageAccounts
 
 # Storages of a few sizes, the empty one among them.
 STORAGES = [torch.UntypedStorage(size) for size in (0, 16, 16, 64, 256)]
@@ -46,3 +46,14 @@ def test_a_move_counts_a_storage_shared_by_several_holders_once():
     accounts.move([(1, new, 0), (2, new, 0)])
     assert accounts.allocated[0] == 100 and accounts.peak[0] == 100
     assert accounts._holders == {1: (new.data_ptr(), 0), 2: (new.data_ptr(), 0)}
+
+
+def test_a_recount_that_marks_a_tensor_beside_a_moved_one_counts_their_storage_once():
+    registry = Registry(StorageAccounts())
+    moved, joined = torch.empty(250), torch.empty(0)
+    registry.set(moved, 0)
+    new = torch.UntypedStorage(1000)
+    moved.set_(new)
+    joined.set_(new)  # not marked yet: the recount marks it, on the storage the other moved to
+    registry.recount([(moved, new), (joined, new)], 0)
+    assert registry.memory.allocated[0] == 1000 and registry.memory.peak[0] == 1000

@@ -275,14 +275,17 @@ def test_a_pack_that_fails_while_swapping_impls_counts_each_tensor_where_it_is(g
     swaps = []
     swap = packing.swap_impl
 
+    class Stop(Exception):
+        pass
+
     def fail_at_the_third(tensor, fresh):
         swaps.append(tensor)
         if len(swaps) == 3:
-            raise RuntimeError("the swap failed")
+            raise Stop("the swap failed")
         swap(tensor, fresh)
 
     monkeypatch.setattr(packing, "swap_impl", fail_at_the_third)
-    with pytest.raises(RuntimeError, match="the swap failed"):
+    with pytest.raises(Stop, match="the swap failed"):
         packing.pack(tensors)
     assert [t._version for t in tensors] == [0] * 4
     assert all(torch.equal(t, value) for t, value in zip(tensors, values))
@@ -318,6 +321,21 @@ def test_a_job_run_on_a_new_thread_gives_its_error_and_is_waited_for_when_interr
         packing.run_on_new_thread(job)
     assert finished.is_set()
 
+    finished.clear()
+
+    def job_interrupted_twice():
+        for _ in range(2):
+            while not waited_for():
+                time.sleep(0.001)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)  # the caller takes the interrupt and waits again
+        time.sleep(0.1)
+        finished.set()
+
+    with pytest.raises(KeyboardInterrupt):
+        packing.run_on_new_thread(job_interrupted_twice)
+    assert finished.is_set()
+
 
 def test_a_tensor_packed_unmarked_is_marked_on_the_callers_device():
     """The pack's rebind runs on a thread of its own; the device it marks on is still the caller's."""
@@ -351,5 +369,23 @@ def test_a_parameter_and_the_tensor_it_wraps_still_share_their_version_after_pac
             base.mul_(2)
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):
             loss.backward()
+    finally:
+        model.close()
+
+
+def test_a_tensor_whose_impl_has_a_cpp_weak_reference_is_moved_in_place(gpu):
+    """The profiler, for one, keeps C++ weak references to tensors, which the swap refuses."""
+    held = torch.nn.Parameter(torch.randn(8, device="cuda"))
+    other = torch.nn.Parameter(torch.randn(8, device="cuda"))
+    reference = torch._C._WeakTensorRef(held)
+    impls = (held._cdata, other._cdata)
+    values = (held.detach().clone(), other.detach().clone())
+    model = packing.pack([held, other])
+    try:
+        region = model.snapshot.region()
+        assert held._cdata == impls[0] and other._cdata != impls[1]
+        assert inside(held, region) and inside(other, region)
+        assert torch.equal(held, values[0]) and torch.equal(other, values[1])
+        assert not reference.expired() and held._version == 0
     finally:
         model.close()

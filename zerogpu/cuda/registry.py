@@ -69,15 +69,19 @@ class Registry:
         tensor's own storage now: it is not asked again): count it there, marking those not
         marked yet on device `index` (`set` then `moved`, one lookup each)."""
         entries = self._entries
-        moves = []
+        moves, unmarked = [], []
         for tensor, storage in placed:
             key = id(tensor)
             entry = entries.get(key)
             if entry is None or entry[0]() is not tensor:
-                self.set(tensor, index)
+                unmarked.append(tensor)
                 continue
             moves.append((key, storage, entry[1]))
+        # The moves first: a tensor marked after them finds its storage counted already,
+        # where before them it would count the new storage beside the old (a false peak).
         self.memory.move(moves)
+        for tensor in unmarked:
+            self.set(tensor, index)
 
     def discard(self, tensor: torch.Tensor) -> None:
         key = id(tensor)

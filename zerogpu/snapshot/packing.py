@@ -21,6 +21,7 @@ from ..cuda import emulated_devices, emulation
 from ..cuda import registry
 from ..cuda.registry import collector_paused
 from ..errors import SerializationError
+from .manifest import Entry
 from .snapshot import Snapshot
 
 
@@ -34,16 +35,21 @@ except TypeError:  # the one-tensor form of older releases
     set_versions = None
 
 # Gives one tensor object another's TensorImpl (torch 2.3 and later). The public
-# torch.utils.swap_tensors refuses tensors with weak references, which every packed one
-# has (PackedModel.bindings), so `renewable` makes its checks here.
+# torch.utils.swap_tensors refuses tensors with Python weak references, which every packed
+# one has (PackedModel.bindings), so `renewable` makes its other checks here. This one
+# still refuses an impl with C++ weak references (the profiler's, say): `rebind` then
+# moves that tensor in place instead.
 swap_impl = getattr(torch._C, "_swap_tensor_impl", None)
 plain_dispatch = torch._C._disabled_torch_dispatch_impl
 
 
 def renewable(tensor: torch.Tensor) -> bool:
     """Whether `tensor` can take a new TensorImpl with nothing lost: nothing else holds
-    its current one (a view of it, an autograd graph), and nothing lives on that impl but
-    data, requires_grad and the version, which the swap carries over."""
+    its current one (a view of it, an autograd graph), and nothing a user sees lives on that
+    impl but its data, requires_grad and version, which the swap carries over. (Its version
+    counter's identity lives there too: `rebind` renews only tensors that share no storage,
+    hence no counter. A forward-mode tangent, given outside any dual level, is not looked
+    for: none is left once the level ends.)"""
     return (swap_impl is not None and tensor._use_count() == 1 and tensor.grad_fn is None
             and not tensor._is_view() and tensor.grad is None and tensor._backward_hooks is None
             and getattr(tensor, "_post_accumulate_grad_hooks", None) is None
@@ -108,7 +114,7 @@ class PackedModel:
         set_data = torch.Tensor.data.__set__
         rebound: list[tuple[torch.Tensor, torch.UntypedStorage]] = []
         moved, versions = [], []
-        renewed: list[tuple[torch.Tensor, torch.Tensor, torch.UntypedStorage]] = []
+        renewed: list[tuple[torch.Tensor, torch.Tensor, torch.UntypedStorage, Entry]] = []
         # Tensors that share a storage (tied weights, a Parameter and the tensor it wraps) may
         # share a version counter too, which autograd relies on to see a write through one of
         # them; a new impl would have a counter of its own, so only a storage's sole tensor
@@ -122,7 +128,7 @@ class PackedModel:
                         continue
                     if in_place and tensor.device == device:
                         if renew and sharers[id(storage)] == 1 and renewable(tensor):
-                            renewed.append((tensor, entry.over(storage, device), storage))
+                            renewed.append((tensor, entry.over(storage, device), storage, entry))
                             continue
                         try:
                             version = tensor._version
@@ -135,10 +141,13 @@ class PackedModel:
                             pass  # e.g. a tensor made under inference_mode: it has no version to keep
                     set_data(tensor, entry.over(storage, device))
                     rebound.append((tensor, storage))
-                for tensor, fresh, storage in renewed:
-                    fresh.requires_grad_(tensor.requires_grad)
+                for tensor, fresh, storage, entry in renewed:
                     version = tensor._version
-                    swap_impl(tensor, fresh)
+                    try:
+                        fresh.requires_grad_(tensor.requires_grad)
+                        swap_impl(tensor, fresh)
+                    except RuntimeError:  # a C++ weak reference holds its impl: see swap_impl
+                        tensor.set_(storage, entry.storage_offset, entry.shape, entry.stride)
                     moved.append(tensor)
                     versions.append(version)
                     rebound.append((tensor, storage))
@@ -177,9 +186,10 @@ def pack(tensors: list[torch.Tensor], progress: Callable[[int], None] | None = N
         model = PackedModel(snapshot)
         for name, tensor in named.items():
             model.bind(name, tensor)
-        # On a thread of its own: glibc gives a new thread a malloc arena of its own, so
-        # the new impls (see rebind) are laid out together there rather than in the holes
-        # this process's main heap has from every tensor it freed since it started.
+        # On a thread of its own: glibc gives a new thread a malloc arena of its own (or,
+        # past MALLOC_ARENA_MAX, one it shares), so the new impls (see rebind) are laid out
+        # together there rather than in the holes this process's main heap has from every
+        # tensor it freed since it started. Only their placement depends on it.
         device = emulated_devices.current_index()  # the caller's, which is kept per thread
 
         def renew() -> None:
@@ -209,10 +219,14 @@ def run_on_new_thread(job: Callable[[], None]) -> None:
     try:
         done.wait()
     except BaseException:
-        # Interrupted (Ctrl-C): the tensors are still moving, and the caller would close the
-        # snapshot under them, so wait for the job to end before raising. (On an Event:
-        # Thread.join, once interrupted, no longer waits.)
-        done.wait()
+        # Interrupted (Ctrl-C), however many times: the tensors are still moving, so wait
+        # for the job to end before the caller goes on. (On an Event: Thread.join, once
+        # interrupted, no longer waits.)
+        while not done.is_set():
+            try:
+                done.wait()
+            except BaseException:  # noqa: BLE001 - the first interrupt is the one raised
+                pass
         raise
     if errors:
         raise errors[0]

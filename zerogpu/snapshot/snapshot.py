@@ -386,8 +386,8 @@ def layout_storages(items: list[tuple[str, torch.Tensor]]) -> tuple[list[Entry],
             places[key] = offset + key[0] - base if length else offset
         cursor = offset + length
     # Members of one block copy the bytes they share more than once: rare, and simpler
-    # than reading raw memory that no single storage covers. (`first_use` holds every
-    # storage, so the views stay valid for the pack.)
+    # than reading raw memory that no single storage covers. (The views are valid while
+    # the tensors live: the pack's `items` hold them until the copies are written.)
     copies = list(zip(memory_views(list(places)), places.values()))
 
     entries = [Entry(name, dtype, shape, stride, storage_offset, places[key], key[1])
