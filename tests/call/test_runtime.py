@@ -962,10 +962,11 @@ def test_small_transformers_model_gives_the_cpu_output(gpu):
                 tokens = torch.cat([tokens, model(tokens).logits[:, -1:].argmax(-1)], dim=1)
                 yield tokens[0, -1].item()
 
-    got = logits(tokens)
-    # Bit for bit: the worker runs the same kernels on the same bytes. (Failed once in a full
-    # clean-clone run and never alone; the message says by how much, should it again.)
-    assert torch.equal(got, expected), f"largest difference {(got - expected).abs().max().item():.3g}"
+    # Within float rounding, not bit for bit: the weights' bytes are the same, but about one
+    # run in seven of tests/call the worker's kernels round differently (always by 1.77e-06
+    # here), with or without the pack's impl swap or its thread. Weights restored wrong
+    # would miss by far more than this.
+    torch.testing.assert_close(logits(tokens), expected, rtol=1e-5, atol=1e-5)
     produced = list(generate(tokens, 3))
     with torch.no_grad():
         reference, current = [], tokens
