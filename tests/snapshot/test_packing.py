@@ -45,6 +45,14 @@ def recorded_tensors() -> dict[str, torch.Tensor]:
     return tensors
 
 
+def marked_parameters(step: int) -> list[torch.nn.Parameter]:
+    """Four recorded parameters of step, 2 * step, 3 * step and 4 * step elements."""
+    tensors = [torch.nn.Parameter(torch.randn(step * (i + 1))) for i in range(4)]
+    for tensor in tensors:
+        registry.mark(tensor)
+    return tensors
+
+
 def test_a_packed_model_rebinds_onto_a_restored_copy_keeping_identity_layout_and_sharing(gpu):
     tensors = recorded_tensors()
     layouts = {name: (t.dtype, t.shape, t.stride(), t.storage_offset()) for name, t in tensors.items()}
@@ -170,9 +178,7 @@ def test_a_buffer_of_the_wrong_size_is_refused_before_any_tensor_moves(gpu):
 
 
 def test_a_rebind_stopped_half_way_counts_each_tensor_where_it_is(gpu, monkeypatch):
-    tensors = [torch.nn.Parameter(torch.randn(100 * (i + 1))) for i in range(4)]
-    for tensor in tensors:
-        registry.mark(tensor)
+    tensors = marked_parameters(100)
     model = packing.pack(tensors)
     try:
         held = torch.cuda.memory_allocated()
@@ -267,9 +273,7 @@ def test_a_tensor_whose_impl_something_else_holds_keeps_it_and_still_moves(gpu):
 
 
 def test_a_pack_that_fails_while_swapping_impls_counts_each_tensor_where_it_is(gpu, monkeypatch):
-    tensors = [torch.nn.Parameter(torch.randn(10 * (i + 1))) for i in range(4)]
-    for tensor in tensors:
-        registry.mark(tensor)
+    tensors = marked_parameters(10)
     values = [t.detach().clone() for t in tensors]
     held = torch.cuda.memory_allocated()
     swaps = []
