@@ -45,6 +45,8 @@ _cleanups: list[Callable[[], None]] = []
 # a closed terminal), and the handlers they had before enable().
 TERMINATING = (signal.SIGTERM, signal.SIGHUP)
 _previous_handlers: dict[int, object] = {}
+# Whether this process (not only its parent) has taken those signals over.
+_handling = False
 
 
 def is_enabled() -> bool:
@@ -112,6 +114,7 @@ def handle_termination() -> None:
     stays ignored. Handlers can be set from the main thread only: enabled on
     another, zerogpu leaves them alone.
     """
+    global _handling
     if threading.current_thread() is not threading.main_thread():
         return
     for signum in TERMINATING:
@@ -120,15 +123,31 @@ def handle_termination() -> None:
             continue
         _previous_handlers[signum] = current
         signal.signal(signum, _terminated)
+    _handling = True
 
 
 def restore_termination() -> None:
+    global _handling
     if threading.current_thread() is not threading.main_thread():
         return
     for signum, previous in list(_previous_handlers.items()):
         if signal.getsignal(signum) is _terminated:
             signal.signal(signum, previous)
         del _previous_handlers[signum]
+    _handling = False
+
+
+def _after_fork_in_child() -> None:
+    # A child the app forks (a multiprocessing pool's worker, a DataLoader's) gets the app's own
+    # handlers back. It has made no segment yet, and a handler written in Python breaks it: CPython
+    # runs one between bytecodes, so a SIGTERM that lands just before a blocking wait (the
+    # pool.terminate() of a worker about to wait for its queue's lock) waits with it, forever.
+    # Should the child call a decorated function, ensure_started() takes the signals over again.
+    # Fork runs this on the thread that forked, the child's main thread from now on.
+    restore_termination()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _terminated(signum: int, frame) -> None:
@@ -191,6 +210,8 @@ def ensure_started() -> None:
     tensors are all gone are freed. Neither costs anything while nothing changed.
     """
     with _lock:
+        if _enabled and not _handling:
+            handle_termination()  # a forked child that calls, as its parent did at enable()
         if not _started:
             startup()
             return

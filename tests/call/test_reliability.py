@@ -314,3 +314,43 @@ def test_an_app_leaves_no_snapshot_in_dev_shm_however_it_ends(tmp_path, signum, 
         assert status == 0
     else:
         assert status == -signum  # and the app still ends as that signal ends it
+
+
+FORKING_APP = textwrap.dedent("""
+    import multiprocessing, os, signal
+    import torch
+    import zerogpu
+    from zerogpu import runtime
+    zerogpu.enable()
+
+    def handler():
+        return "zerogpu" if signal.getsignal(signal.SIGTERM) is runtime._terminated else "app"
+
+    @zerogpu.GPU
+    def total(x):
+        return float(x.sum())
+
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        in_pool = pool.apply(handler)
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:
+        before = handler()
+        called = total(torch.ones(3, device="cuda"))
+        os.write(write, f"{before} {handler()} {called}".encode())
+        os._exit(0)
+    os.waitpid(child, 0)
+    print(handler(), in_pool, os.read(read, 100).decode(), flush=True)
+""")
+
+
+def test_a_child_the_app_forks_gets_the_apps_signal_handlers_until_it_calls():
+    # A multiprocessing pool's worker that inherited zerogpu's SIGTERM handler (Python code) could
+    # miss pool.terminate()'s signal while entering its queue's lock, and the pool's exit hung.
+    env = {**os.environ, "ZEROGPU_BACKEND": "emulated"}
+    done = subprocess.run([sys.executable, "-c", FORKING_APP], env=env, capture_output=True, text=True,
+                          timeout=HANG_GUARD)
+    assert done.returncode == 0, done.stderr
+    parent, in_pool, child_before, child_after, called = done.stdout.split()
+    assert (parent, in_pool) == ("zerogpu", "app")
+    assert (child_before, child_after, called) == ("app", "zerogpu", "3.0")
