@@ -71,10 +71,34 @@ def enable() -> None:
         # The driver's /proc files do not tell the memory (NVML does): keep the default then.
         memory = {"total_memory": first.total_memory} if first.total_memory > 0 else {}
         emulation.patch(emulation.DeviceInfo(name=first.name, count=1, **memory))
+        if backend == "emulated":
+            _turn_hub_kernels_off()
         segments.sweep()  # what crashed apps left in /dev/shm
         handle_termination()
         _backend = backend
         _enabled = True
+
+
+# Whether enable() set USE_HUB_KERNELS, so that disable() unsets it again.
+_set_hub_kernels = False
+
+
+def _turn_hub_kernels_off() -> None:
+    # transformers (5.x) swaps layers for Hub kernels when a model loads onto
+    # 'cuda'. Those are compiled CUDA code: on the emulated backend the data
+    # stays on the CPU, where they cannot run, and fetching them needs the
+    # Hub. A value the user set is theirs to keep.
+    global _set_hub_kernels
+    if "USE_HUB_KERNELS" not in os.environ:
+        os.environ["USE_HUB_KERNELS"] = "NO"
+        _set_hub_kernels = True
+
+
+def _turn_hub_kernels_back() -> None:
+    global _set_hub_kernels
+    if _set_hub_kernels:
+        os.environ.pop("USE_HUB_KERNELS", None)
+        _set_hub_kernels = False
 
 
 def disable() -> None:
@@ -98,6 +122,7 @@ def disable() -> None:
         wrappers.clear()
         reset_scheduler()
         emulation.unpatch()
+        _turn_hub_kernels_back()
         restore_termination()
         _enabled = False
         _backend = None

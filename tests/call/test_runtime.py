@@ -289,6 +289,24 @@ def test_disabled_decorator_returns_the_function_unchanged():
     assert zerogpu.GPU(duration=10)(f) is f
 
 
+
+@pytest.mark.parametrize("chosen", [None, "YES"])
+def test_the_emulated_backend_turns_hub_kernels_off_unless_the_user_chose(tmp_path, monkeypatch, chosen):
+    """transformers' Hub kernels are CUDA code, which the emulated backend's CPU data cannot run."""
+    from conftest import emulated_environment
+
+    emulated_environment(monkeypatch, tmp_path)
+    if chosen is None:
+        monkeypatch.delenv("USE_HUB_KERNELS", raising=False)
+    else:
+        monkeypatch.setenv("USE_HUB_KERNELS", chosen)
+    zerogpu.enable()
+    try:
+        assert os.environ.get("USE_HUB_KERNELS") == (chosen or "NO")
+    finally:
+        runtime.disable()
+    assert os.environ.get("USE_HUB_KERNELS") == chosen
+
 # -- how calls fail ------------------------------------------------------------
 
 
