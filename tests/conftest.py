@@ -225,6 +225,14 @@ def postgres_url(postgres_server):
     return postgres_server.new_database()
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def place(request, tmp_path):
+    """Where a quota ledger lives: a SQLite file, or an empty PostgreSQL database."""
+    if request.param == "sqlite":
+        return str(tmp_path / "quota.sqlite3")
+    return request.getfixturevalue("postgres_url")
+
+
 def gone(pid: int) -> bool:
     """Whether process `pid` has exited (a zombie not yet reaped counts). Asked once: a reap
     between two looks (pid_exists, then Process) would raise instead of answering."""

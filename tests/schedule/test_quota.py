@@ -46,14 +46,6 @@ def clock():
     return Clock()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def place(request, tmp_path):
-    """Where a ledger lives: a SQLite file, or an empty PostgreSQL database."""
-    if request.param == "sqlite":
-        return str(tmp_path / "quota.sqlite3")
-    return request.getfixturevalue("postgres_url")
-
-
 @pytest.fixture
 def ledger(place, clock):
     opened = open_ledger(place, clock=clock)

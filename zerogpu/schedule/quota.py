@@ -23,168 +23,39 @@ stopped renewing it (any node) is dropped uncharged: no one can tell how much
 of it was used.
 
 Days are UTC days: each identity's quota comes back whole at 00:00 UTC.
+
+An app's own ledger writes the calls of identities with no daily quota (the
+app's account, by default) behind, in batches: see zerogpu.schedule.write_behind.
 """
 
 from __future__ import annotations
 
-import functools
+import atexit
 import logging
 import math
 import os
-import secrets
-import socket
 import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass, replace
-
-import psutil
+from dataclasses import replace
 
 from .. import telemetry
 from ..errors import QuotaExceeded, SchedulerError
 from ..identity import APP_TIER, Identity
 from ..units import check_seconds
-from .policy import SIZE_WEIGHT, Policy
+from .policy import Policy
+from .quota_records import (  # noqa: F401 - the ledger's importers take these from here
+    CHARGES_KEPT_DAYS, DAY, ID_BITS, LEASE_TIMEOUT, Balance, Node, Owner, Reservation, charge_of, clock_time,
+    day_name, day_of, new_id, new_ticket, next_reset, node_name, spell_seconds, this_process,
+)
+from .write_behind import WRITE_BEHIND, Batch, Behind
 
 log = logging.getLogger("zerogpu.schedule.quota")
-
-DAY = 86400.0
-# Lease ids are random so that they stay unique across processes sharing the
-# ledger and across daemon restarts; 52 bits keep them exact in JSON.
-ID_BITS = 52
-# How long a reservation outlives the last renewal of its ledger. A node
-# daemon sets its own (its node timeout); an app's ledger renews every third of it.
-LEASE_TIMEOUT = 30.0
-CHARGES_KEPT_DAYS = 3  # charge records kept to recognise a retried charge
-
-
-def new_id() -> int:
-    """A fresh random lease id."""
-    return secrets.randbits(ID_BITS) or 1
-
-
-def new_ticket() -> int:
-    """A fresh random admission ticket (a lease id is reused by a warm worker's calls; a ticket never)."""
-    return secrets.randbits(62) or 1
-
-
-def node_name() -> str:
-    """This machine's name in the fleet: its host name."""
-    return socket.gethostname()
-
-
-@dataclass(frozen=True)
-class Owner:
-    """The process a call runs for; its start time tells a reused pid apart."""
-
-    pid: int
-    started: float
-
-    @classmethod
-    def of(cls, pid: int) -> Owner:
-        try:
-            return cls(pid, psutil.Process(pid).create_time())
-        except psutil.Error:
-            raise SchedulerError(f"process {pid} is gone") from None
-
-    def alive(self) -> bool:
-        try:
-            return abs(psutil.Process(self.pid).create_time() - self.started) < 1e-3
-        except psutil.Error:
-            return False
-
-
-_own: Owner | None = None
-
-
-def this_process() -> Owner:
-    """The Owner of the calling process (recomputed after a fork)."""
-    global _own
-    if _own is None or _own.pid != os.getpid():
-        _own = Owner.of(os.getpid())
-    return _own
-
-
-@dataclass(frozen=True)
-class Reservation:
-    """An admitted call that has not ended: what it reserved and where it runs."""
-
-    id: int
-    identity: Identity
-    day: str
-    size: str
-    duration: float
-    cost: float
-    device: int | None
-    slot: int | None
-    holder: str
-    owner: Owner
-    started: float
-    node: str = ""
-    expires: float = math.inf
-    ticket: int = 0
-
-
-@dataclass(frozen=True)
-class Balance:
-    """One identity's quota today, in quota seconds."""
-
-    identity: Identity
-    limit: float
-    used: float
-    reserved: float
-
-    @property
-    def left(self) -> float:
-        return max(self.limit - self.used - self.reserved, 0.0)
-
-    def describe(self) -> dict:
-        """As plain data for status; None for the limit and what is left when there is no limit."""
-        unlimited = math.isinf(self.limit)
-        return {"user": self.identity.user, "tier": self.identity.tier,
-                "limit": None if unlimited else self.limit, "used": self.used, "reserved": self.reserved,
-                "left": None if unlimited else self.left}
-
-
-@dataclass(frozen=True)
-class Node:
-    """A node daemon as the ledger knows it: its GPUs (wire dicts), slices per GPU and heartbeat."""
-
-    name: str
-    devices: list[dict]
-    slices: int
-    heartbeat: float
-    timeout: float
-    socket: str = ""
-    pid: int = 0
-
-    def alive(self, now: float) -> bool:
-        return now - self.heartbeat <= self.timeout
 
 
 class LedgerUnreachable(SchedulerError):
     """The ledger's server cannot be reached now; a charge that met this is written later."""
-
-
-def day_of(moment: float) -> str:
-    """The UTC date of `moment`, as the ledger keys it."""
-    return day_name(math.floor(moment / DAY))
-
-
-@functools.lru_cache(maxsize=4)
-def day_name(day: int) -> str:
-    return time.strftime("%Y-%m-%d", time.gmtime(day * DAY))
-
-
-def next_reset(moment: float) -> float:
-    """The next 00:00 UTC after `moment` (Unix time has no leap seconds)."""
-    return (math.floor(moment / DAY) + 1) * DAY
-
-
-def charge_of(reservation: Reservation, used: float) -> float:
-    """The quota seconds a call used: its time up to the duration asked for, times its size's weight."""
-    return min(used, reservation.duration) * SIZE_WEIGHT[reservation.size]
 
 
 class QuotaLedger(ABC):
@@ -194,7 +65,9 @@ class QuotaLedger(ABC):
     any node) may share one ledger. `holder` names the scheduler whose leases
     these are (the daemon reloads its own on restart); `node` the machine.
     A thread renews this ledger's reservations every third of `lease_timeout`
-    and writes the charges an outage held back.
+    and writes the charges an outage held back. With `write_behind`, the
+    calls of identities with no daily quota are written in batches (see
+    zerogpu.schedule.write_behind): for an app's own embedded scheduler only.
     """
 
     where: str  # what the errors name: the file or the server
@@ -207,6 +80,7 @@ class QuotaLedger(ABC):
         node: str | None = None,
         clock: Callable[[], float] = time.time,
         lease_timeout: float = LEASE_TIMEOUT,
+        write_behind: bool = False,
     ) -> None:
         self.policy = policy or Policy()
         self.holder = holder
@@ -219,6 +93,10 @@ class QuotaLedger(ABC):
         self._state_lock = threading.Lock()
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
+        self._behind = Behind() if write_behind else None
+        self._pid = os.getpid()  # a forked child must not write its parent's calls
+        if self._behind is not None:
+            atexit.register(self._write_at_exit)
 
     def start_renewing(self) -> None:
         """Start the thread that renews reservations (engines call it once open)."""
@@ -245,6 +123,8 @@ class QuotaLedger(ABC):
         """
         cost = self.policy.cost(duration, size)
         limit = self.policy.daily_quota[identity.tier]
+        if self._behind is not None and math.isinf(limit):
+            return self._admit_behind(identity, duration, size, cost, owner, lease_id, device, slot), limit
         swept = False
         while True:
             now = self.clock()
@@ -271,6 +151,24 @@ class QuotaLedger(ABC):
                 last_end = self._last_end(identity, row.day)
                 raise self._refusal(identity, duration, size, cost, limit, used, reserved, now, last_end)
             swept = True
+
+    def _admit_behind(self, identity: Identity, duration: float, size: str, cost: float, owner: Owner,
+                      lease_id: int | None, device: int | None, slot: int | None) -> int:
+        now = self.clock()
+        with self._state_lock:
+            row_id = lease_id if lease_id is not None else new_id()
+            while row_id in self._mine:
+                if lease_id is not None:
+                    raise SchedulerError(f"lease {lease_id} is already admitted")
+                row_id = new_id()
+            row = Reservation(
+                id=row_id, identity=identity, day=day_of(now), size=size, duration=duration, cost=cost,
+                device=device, slot=slot, holder=self.holder, owner=owner, started=now, node=self.node,
+                expires=now + self.lease_timeout, ticket=new_ticket(),
+            )
+            self._mine[row_id] = row
+        self._behind.hold(row)
+        return row_id
 
     def _refusal(self, identity, duration, size, cost, limit, used, reserved, now, last_end) -> QuotaExceeded:
         left = max(limit - used - reserved, 0.0)
@@ -300,11 +198,14 @@ class QuotaLedger(ABC):
         """Record where a call that waited in the queue now runs (under `new_id` if given:
         a call served by a warm worker takes that worker's lease id)."""
         target = lease_id if new_id is None else new_id
-        self._place(lease_id, target, device, slot)
         with self._state_lock:
-            row = self._mine.pop(lease_id, None)
-            if row is not None:
-                self._mine[target] = replace(row, id=target, device=device, slot=slot)
+            row = self._mine.get(lease_id)
+        moved = replace(row, id=target, device=device, slot=slot) if row is not None else None
+        if moved is None or self._behind is None or not self._behind.move(lease_id, moved):
+            self._place(lease_id, target, device, slot)
+        with self._state_lock:
+            if self._mine.pop(lease_id, None) is not None:
+                self._mine[target] = moved
 
     def settle(self, lease_id: int, used: float | None) -> float:
         """End a call: drop its reservation and charge `used` seconds (None: no charge).
@@ -318,6 +219,10 @@ class QuotaLedger(ABC):
             check_seconds(used, "used")
         with self._state_lock:
             known = self._mine.pop(lease_id, None)
+        if known is not None and self._behind is not None:
+            seconds = 0.0 if used is None else charge_of(known, used)
+            if self._behind.end(lease_id, seconds):
+                return seconds
         try:
             return self._settle(lease_id, used, known)
         except LedgerUnreachable as error:
@@ -338,7 +243,20 @@ class QuotaLedger(ABC):
 
         Reservations of calls running now stay: they are charged as usual when the calls end.
         """
+        self.write_behind()
         return self._reset(day_of(self.clock()), user)
+
+    def write_behind(self) -> None:
+        """Write the calls kept behind now (see zerogpu.schedule.write_behind); readers call it first."""
+        if self._behind is None or os.getpid() != self._pid:
+            return
+        self._behind.write(lambda batch: self._write_batch(batch, self.clock() + self.lease_timeout))
+
+    def _write_at_exit(self) -> None:
+        try:
+            self.write_behind()
+        except SchedulerError as error:
+            log.error("the last calls of unlimited accounts could not be written to %s: %s", self.where, error)
 
     def flush(self) -> int:
         """Write the ends of calls an outage held back; return how many are still waiting."""
@@ -374,28 +292,47 @@ class QuotaLedger(ABC):
             self._write_node(self._registered)
 
     def _renew_loop(self) -> None:
-        while not self._stop.wait(self.lease_timeout / 3):
-            try:
-                self.renew()
-                if self.pending():
-                    self.flush()
-            except SchedulerError as error:
-                log.warning("renewing the reservations failed: %s", error)
-            except Exception:
-                log.exception("renewing the reservations failed")
+        every = self.lease_timeout / 3
+        renew_at = time.monotonic() + every
+        while not self._stop.wait(min(every, WRITE_BEHIND) if self._behind is not None else every):
+            self._tend("writing the calls kept behind", self.write_behind)
+            if time.monotonic() >= renew_at:
+                renew_at = time.monotonic() + every
+                self._tend("renewing the reservations", self._renew_and_flush)
+
+    def _renew_and_flush(self) -> None:
+        self.renew()
+        if self.pending():
+            self.flush()
+
+    @staticmethod
+    def _tend(what: str, work: Callable[[], None]) -> None:
+        try:
+            work()
+        except SchedulerError as error:
+            log.warning("%s failed: %s", what, error)
+        except Exception:
+            log.exception("%s failed", what)
 
     def balance(self, identity: Identity) -> Balance:
         """How much of its quota `identity` has used, reserved and left today."""
+        self.write_behind()
         used, reserved = self._balance(identity, day_of(self.clock()))
         return Balance(identity, self.policy.daily_quota[identity.tier], used, reserved)
 
     def balances(self) -> list[Balance]:
         """Every identity that used or reserved quota today, most used first."""
+        self.write_behind()
         return [
             Balance(Identity(user, tier), self.policy.daily_quota[tier], used, reserved)
             for user, tier, used, reserved in self._balances(day_of(self.clock()))
             if tier in self.policy.daily_quota
         ]
+
+    def reservations(self, holder: str | None = None) -> list[Reservation]:
+        """Calls admitted and not ended, of one holder or of all, oldest first."""
+        self.write_behind()
+        return self._reservations(holder)
 
     def sweep(self) -> int:
         """Drop, uncharged, reservations whose process is gone (this node) or that expired (any node);
@@ -406,6 +343,9 @@ class QuotaLedger(ABC):
         self._stop.set()
         if self._renewer is not None and self._renewer is not threading.current_thread():
             self._renewer.join(5)
+        if self._behind is not None:
+            atexit.unregister(self._write_at_exit)
+            self._write_at_exit()
         if self.pending() and self.flush():
             log.error("%d ends of calls could not be written to %s; their charges are lost",
                       self.pending(), self.where)
@@ -446,8 +386,12 @@ class QuotaLedger(ABC):
         """Delete the usage of `day` (of `user` only, if given); return how many rows went."""
 
     @abstractmethod
-    def reservations(self, holder: str | None = None) -> list[Reservation]:
-        """Calls admitted and not ended, of one holder or of all, oldest first."""
+    def _write_batch(self, batch: Batch, expires: float) -> set[int]:
+        """In one transaction: insert the batch's rows (expiring at `expires`) and add its charges, each once
+        per ticket. Returns the ids of rows not inserted because another row has that id."""
+
+    @abstractmethod
+    def _reservations(self, holder: str | None) -> list[Reservation]: ...
 
     @abstractmethod
     def nodes(self) -> list[Node]:
@@ -471,23 +415,3 @@ class QuotaLedger(ABC):
 
 class DuplicateLease(Exception):
     """An engine's answer to a lease id already in the ledger."""
-
-
-def clock_time(seconds: float) -> str:
-    """'3:12:05', '0:00:40': how ZeroGPU says when a quota comes back."""
-    seconds = max(int(math.ceil(seconds)), 0)
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}"
-
-
-def spell_seconds(seconds: float) -> str:
-    """'3 h 12 min', '4 min 10 s', '12 s'."""
-    seconds = max(int(math.ceil(seconds)), 0)
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours} h {minutes} min"
-    if minutes:
-        return f"{minutes} min {secs} s"
-    return f"{secs} s"

@@ -30,6 +30,7 @@ from .policy import SIZE_WEIGHT
 from .quota import (
     CHARGES_KEPT_DAYS, DAY, DuplicateLease, LedgerUnreachable, Node, Owner, QuotaLedger, Reservation, day_of,
 )
+from .write_behind import Batch
 
 SCHEMA_VERSION = 1
 CONNECT_TIMEOUT = 5  # seconds to reach the server before it counts as unreachable
@@ -293,7 +294,35 @@ class PostgresLedger(QuotaLedger):
             " GROUP BY user_name, tier HAVING sum(used) + sum(reserved) > 0 OR count(*) > 0"
             " ORDER BY sum(used) + sum(reserved) DESC, user_name", {"d": day}).fetchall())
 
-    def reservations(self, holder: str | None = None) -> list[Reservation]:
+    def _write_batch(self, batch: Batch, expires: float) -> set[int]:
+        def write(db) -> set[int]:
+            refused = set()
+            for row in batch.rows:
+                inserted = db.execute(
+                    f"INSERT INTO zerogpu_leases ({COLUMNS}) VALUES "
+                    "(%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) ON CONFLICT (id) DO NOTHING",
+                    (row.id, row.identity.user, row.identity.tier, row.day, row.size, row.duration, row.cost,
+                     row.device, row.slot, row.holder, row.owner.pid, row.owner.started, row.started, row.node,
+                     expires, row.ticket),
+                ).rowcount
+                if not inserted:
+                    # Written by an earlier try of this batch whose answer was lost, or another's id.
+                    found = db.execute("SELECT ticket FROM zerogpu_leases WHERE id=%s", (row.id,)).fetchone()
+                    if found is None or found[0] != row.ticket:
+                        refused.add(row.id)
+            for charge in batch.charges:
+                if db.execute("INSERT INTO zerogpu_charges VALUES (%s,%s,%s) ON CONFLICT DO NOTHING",
+                              (charge.ticket, charge.day, charge.seconds)).rowcount:
+                    db.execute(
+                        "INSERT INTO zerogpu_usage AS u VALUES (%s,%s,%s,%s) ON CONFLICT (user_name, tier, day)"
+                        " DO UPDATE SET used = u.used + excluded.used",
+                        (charge.identity.user, charge.identity.tier, charge.day, charge.seconds),
+                    )
+            return refused
+
+        return self._run(write, one_statement=False)
+
+    def _reservations(self, holder: str | None) -> list[Reservation]:
         if holder is None:
             rows = self._run(lambda db: db.execute(
                 f"SELECT {COLUMNS} FROM zerogpu_leases ORDER BY started").fetchall())

@@ -17,6 +17,7 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -26,6 +27,7 @@ from ..identity import Identity
 from .quota import (
     CHARGES_KEPT_DAYS, DAY, DuplicateLease, Node, Owner, QuotaLedger, Reservation, charge_of, day_of,
 )
+from .write_behind import Batch
 
 T = TypeVar("T")
 
@@ -208,16 +210,29 @@ class SQLiteLedger(QuotaLedger):
         return self._grouped(reserve)
 
     @staticmethod
-    def _insert(db: sqlite3.Connection, row: Reservation) -> None:
+    def _insert(db: sqlite3.Connection, row: Reservation, *, or_not: str = "") -> bool:
+        """Insert `row`; False if another row has its id and `or_not` is " ON CONFLICT DO NOTHING"."""
         try:
-            db.execute(
-                f"INSERT INTO leases ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            return db.execute(
+                f"INSERT INTO leases ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?){or_not}",
                 (row.id, row.identity.user, row.identity.tier, row.day, row.size, row.duration, row.cost,
                  row.device, row.slot, row.holder, row.owner.pid, row.owner.started, row.started, row.node,
                  min(row.expires, 1e300), row.ticket),
-            )
+            ).rowcount == 1
         except sqlite3.IntegrityError:
             raise DuplicateLease(row.id) from None
+
+    @staticmethod
+    def _charge(db: sqlite3.Connection, ticket: int, identity: Identity, day: str, seconds: float) -> bool:
+        """Add `seconds` to the identity's day, once per ticket (0: always); False if written before."""
+        if ticket and db.execute("INSERT INTO charges VALUES (?,?,?) ON CONFLICT DO NOTHING",
+                                 (ticket, day, seconds)).rowcount == 0:
+            return False
+        db.execute(
+            "INSERT INTO usage VALUES (?,?,?,?) ON CONFLICT DO UPDATE SET used = used + excluded.used",
+            (identity.user, identity.tier, day, seconds),
+        )
+        return True
 
     @staticmethod
     def _read_balance(db: sqlite3.Connection, identity: Identity, day: str) -> tuple[float, float]:
@@ -239,16 +254,24 @@ class SQLiteLedger(QuotaLedger):
             if row is None or used is None:
                 return 0.0
             seconds = charge_of(row, used)
-            if row.ticket and db.execute("INSERT INTO charges VALUES (?,?,?) ON CONFLICT DO NOTHING",
-                                         (row.ticket, row.day, seconds)).rowcount == 0:
-                return 0.0  # written before
-            db.execute(
-                "INSERT INTO usage VALUES (?,?,?,?) ON CONFLICT DO UPDATE SET used = used + excluded.used",
-                (row.identity.user, row.identity.tier, row.day, seconds),
-            )
-            return seconds
+            return seconds if self._charge(db, row.ticket, row.identity, row.day, seconds) else 0.0
 
         return self._grouped(charge)
+
+    def _write_batch(self, batch: Batch, expires: float) -> set[int]:
+        def write(db: sqlite3.Connection) -> set[int]:
+            refused = set()
+            for row in batch.rows:
+                if not self._insert(db, replace(row, expires=expires), or_not=" ON CONFLICT DO NOTHING"):
+                    # Written by an earlier try of this batch whose answer was lost, or another's id.
+                    found = db.execute("SELECT ticket FROM leases WHERE id=?", (row.id,)).fetchone()
+                    if found is None or found[0] != row.ticket:
+                        refused.add(row.id)
+            for charge in batch.charges:
+                self._charge(db, charge.ticket, charge.identity, charge.day, charge.seconds)
+            return refused
+
+        return self._grouped(write)
 
     def _balance(self, identity: Identity, day: str) -> tuple[float, float]:
         with self._transaction() as db:
@@ -276,7 +299,7 @@ class SQLiteLedger(QuotaLedger):
                 (day,),
             ).fetchall()
 
-    def reservations(self, holder: str | None = None) -> list[Reservation]:
+    def _reservations(self, holder: str | None) -> list[Reservation]:
         with self._transaction() as db:
             if holder is None:
                 rows = db.execute(f"SELECT {COLUMNS} FROM leases ORDER BY started").fetchall()

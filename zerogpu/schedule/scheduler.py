@@ -72,7 +72,8 @@ class EmbeddedScheduler(Scheduler):
             )
         if ledger is not None and policy is not None and ledger.policy != policy:
             raise InvalidArgument("the scheduler and its quota ledger must share one policy")
-        self.ledger = ledger or open_ledger(policy=policy)
+        # The ledger it opens is the app's own and writes unlimited calls behind (a daemon passes its own).
+        self.ledger = ledger or open_ledger(policy=policy, write_behind=True)
         self.policy = self.ledger.policy
         self.clock = clock
         self._lock = threading.Lock()
