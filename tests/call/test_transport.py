@@ -818,6 +818,21 @@ def test_frames_sent_together_arrive_whole_and_in_order(channels):
         parent_end.recv(timeout=0)
 
 
+def test_plain_messages_travel_with_the_others_in_one_write(channels):
+    """zerogpu's own small messages ("running", "done") skip cloudpickle and the storage table."""
+    parent_end, worker_end = channels
+    worker_end.send_plain(("running",))
+    worker_end.send_many([("return", torch.arange(3))], to_device=False, plain=(("done", {"run_s": 0.5}),))
+    assert parent_end.recv(timeout=5) == ("running",)
+    verb, value = parent_end.recv(timeout=5)
+    assert verb == "return" and torch.equal(value, torch.arange(3))
+    assert parent_end.buffered()  # the value and the "done" came in one write
+    assert parent_end.recv(timeout=0) == ("done", {"run_s": 0.5})
+    plain = transport.dumps_plain(("call", "app:f", None))
+    assert plain.startswith(messages.PLAIN) and loads(plain) == ("call", "app:f", None)
+    discard(plain)  # names no segment: nothing to release, and no error
+
+
 def test_a_message_that_cannot_be_pickled_sends_none_of_its_group(channels):
     parent_end, worker_end = channels
     with pytest.raises(SerializationError):
@@ -905,8 +920,8 @@ def test_a_frame_too_large_for_this_machine_is_refused():
 
 @pytest.mark.parametrize(
     "payload",
-    [b"", b"ZG", b"garbage that is not a message", b"ZGT1\xff\xff\x00\x00"],
-    ids=["empty", "short", "garbage", "truncated table"],
+    [b"", b"ZG", b"garbage that is not a message", b"ZGT1\xff\xff\x00\x00", b"ZGP1\x80\x05not a pickle"],
+    ids=["empty", "short", "garbage", "truncated table", "plain, corrupt"],
 )
 def test_corrupt_messages_raise_serialization_error(payload):
     with pytest.raises(SerializationError):

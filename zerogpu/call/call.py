@@ -223,7 +223,11 @@ class Call:
 
     def send(self) -> None:
         # The call and its arguments in one write: one wake-up of the worker, not two.
-        self.worker.send_bytes(transport.dumps(("call", self.task.key, self.relay), to_device=True), self.payload)
+        header = ("call", self.task.key, self.relay)
+        self.worker.send_bytes(
+            transport.dumps_plain(header) if self.relay is None else transport.dumps(header, to_device=True),
+            self.payload,
+        )
 
     def plan(self) -> child.Plan:
         return child.Plan(

@@ -23,7 +23,7 @@ import time
 from typing import Any
 
 from ..errors import SerializationError
-from .messages import discard, dumps, loads
+from .messages import discard, dumps, dumps_plain, loads
 
 MAX_FRAME = 2**40
 """A frame header announcing more than this is corrupt, not a message."""
@@ -57,18 +57,23 @@ class Channel:
         """Pickle `obj` (see `dumps`) and send it; its segments are released if sending fails."""
         self.send_many([obj], to_device=to_device, what=what)
 
-    def send_many(self, objs: list[Any], *, to_device: bool, what: str = "value") -> None:
-        """Pickle each of `objs` and send them as consecutive frames, in one write where they are small;
-        their segments are released if pickling or sending fails."""
+    def send_many(self, objs: list[Any], *, to_device: bool, what: str = "value", plain: tuple = ()) -> None:
+        """Pickle each of `objs`, then each of `plain` (see `dumps_plain`), and send them as consecutive
+        frames, in one write where they are small; their segments are released if pickling or sending fails."""
         payloads: list[bytes] = []
         try:
             for obj in objs:
                 payloads.append(dumps(obj, to_device=to_device, what=what))
+            payloads += [dumps_plain(obj) for obj in plain]
             self.send_bytes(*payloads)
         except BaseException:
             for payload in payloads:
                 discard(payload)
             raise
+
+    def send_plain(self, *objs: Any) -> None:
+        """Send messages of plain data (see `dumps_plain`), in one write."""
+        self.send_bytes(*(dumps_plain(obj) for obj in objs))
 
     def send_bytes(self, *payloads: bytes | bytearray | memoryview) -> None:
         """Send messages made earlier by `dumps` (arguments are pickled before forking), one frame each."""

@@ -202,7 +202,7 @@ def serve(channel: transport.Channel, plan: Plan) -> None:
         if message[0] != "call":
             continue  # a "close" that crossed the end of a stream
         key, relay = message[1], message[2]
-        channel.send(("running",), to_device=False)  # the call is this worker's now
+        channel.send_plain(("running",))  # the call is this worker's now
         try:
             args, kwargs, state = channel.recv()
         except (EOFError, ConnectionError):
@@ -210,7 +210,8 @@ def serve(channel: transport.Channel, plan: Plan) -> None:
         except Exception as exc:  # noqa: BLE001 - the caller learns why
             error = SerializationError(f"the arguments could not be rebuilt in the worker: {exc}")
             now = time.monotonic()
-            channel.send_many([("raise", transport.capture_exception(error)), done(now, now)], to_device=False)
+            channel.send_many([("raise", transport.capture_exception(error))], to_device=False,
+                              plain=(done(now, now),))
         else:
             emitter = Emitter(channel)
             with emitter, events.entered(relay, state, emitter.emit):
@@ -269,10 +270,10 @@ def run(channel: transport.Channel, fn: Callable, args: tuple, kwargs: dict,
         raise
     except MemoryError as exc:
         send_memory_error(channel, exc)
-        channel.send(done(started, time.monotonic()), to_device=False)
+        channel.send_plain(done(started, time.monotonic()))
     except Exception as exc:  # noqa: BLE001 - the caller gets it back
-        channel.send_many([("raise", transport.capture_exception(exc)), done(started, time.monotonic())],
-                          to_device=False)
+        channel.send_many([("raise", transport.capture_exception(exc))], to_device=False,
+                          plain=(done(started, time.monotonic()),))
 
 
 def outcome(channel: transport.Channel, fn: Callable, args: tuple, kwargs: dict) -> list[tuple]:
@@ -320,9 +321,9 @@ def reply(channel: transport.Channel, messages: list[tuple], last: tuple) -> Non
     """Send the call's value (if any) and its last message, together; a value that cannot be pickled
     becomes the caller's SerializationError."""
     try:
-        channel.send_many([*messages, last], to_device=False)
+        channel.send_many(messages, to_device=False, plain=(last,))
     except SerializationError as exc:
-        channel.send_many([("raise", transport.capture_exception(exc)), last], to_device=False)
+        channel.send_many([("raise", transport.capture_exception(exc))], to_device=False, plain=(last,))
 
 
 def stream(channel: transport.Channel, generator: Iterator) -> None:

@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 from .channel import Channel
-from .messages import TENSOR_SHM_THRESHOLD, discard, dumps, loads, remove_segments_of, segments_of
+from .messages import TENSOR_SHM_THRESHOLD, discard, dumps, dumps_plain, loads, remove_segments_of, segments_of
 from .remote_exceptions import ExceptionPayload, RemoteTraceback, capture_exception, rebuild_exception
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "capture_exception",
     "discard",
     "dumps",
+    "dumps_plain",
     "loads",
     "rebuild_exception",
     "remove_segments_of",

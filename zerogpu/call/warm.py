@@ -15,7 +15,7 @@ import heapq
 import itertools
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .. import runtime
 from ..schedule.choice import scheduler
@@ -28,9 +28,9 @@ class Idle:
     lease: object
     deadline: float  # time.monotonic() at which its idle time ends
     evict: object  # the callback the scheduler holds for this lease
-    # Set once the worker is dead, for an eviction that finds it already going.
-    gone: threading.Event = field(default_factory=threading.Event)
     going: bool = False
+    # Made when it starts going, set once the worker is dead: for an eviction that finds it going.
+    gone: threading.Event | None = None
 
 
 class WarmPool:
@@ -124,7 +124,7 @@ class WarmPool:
                 waiting = idle.gone
             else:
                 waiting = None
-                idle.going = True
+                idle.going, idle.gone = True, threading.Event()
         if waiting is not None:
             waiting.wait()
             return
@@ -135,7 +135,7 @@ class WarmPool:
             idle = self._idle.get(lease_id)
             if idle is None or idle.going:
                 return
-            idle.going = True
+            idle.going, idle.gone = True, threading.Event()
         self._end(idle)
         scheduler().drop(idle.lease, park=idle.evict)
 
