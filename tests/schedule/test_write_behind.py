@@ -1,23 +1,28 @@
 """Writing behind: an app's ledger keeps the calls of unlimited accounts in memory and writes them in batches.
 
 Each test runs on both engines (a SQLite file and a real PostgreSQL
-database). `behind` is the app's ledger (write_behind=True); `other` is a
+database). `behind` is the app's ledger (write_behind=True), whose writer
+thread is slowed down so that the tests say when it writes; `other` is a
 second ledger on the same place, as another process (zerogpu status) sees it.
 """
 
 from __future__ import annotations
 
+import logging
+import random
 import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import pytest
 
 from zerogpu.errors import SchedulerError
 from zerogpu.identity import Identity
 from zerogpu.schedule.ledger import open_ledger
-from zerogpu.schedule.quota import this_process
+from zerogpu.schedule import quota
+from zerogpu.schedule.quota import LedgerUnreachable, this_process
 from zerogpu.schedule.scheduler import EmbeddedScheduler
 from zerogpu.schedule.write_behind import Batch, Charge
 from conftest import wait_until
@@ -27,8 +32,9 @@ FREE = Identity("ada", "free")
 
 
 @pytest.fixture
-def behind(place):
-    opened = open_ledger(place, write_behind=True)
+def behind(place, monkeypatch):
+    monkeypatch.setattr(quota, "WRITE_BEHIND", 3600.0)
+    opened = open_ledger(place, write_behind=True, lease_timeout=3600.0)
     yield opened
     opened.close()
 
@@ -92,10 +98,14 @@ def test_a_queued_call_placed_before_the_write_is_written_where_it_runs(behind, 
     assert rows(other) == set() and used(other) == 4
 
 
-def test_the_writer_thread_writes_without_being_asked(behind, other):
-    lease_id, _ = behind.admit(APP, 60, "large", this_process())
-    behind.settle(lease_id, 5)
-    assert wait_until(lambda: used(other) == 5)
+def test_the_writer_thread_writes_without_being_asked(place, other):
+    ledger = open_ledger(place, write_behind=True)  # every WRITE_BEHIND (1) second
+    try:
+        lease_id, _ = ledger.admit(APP, 60, "large", this_process())
+        ledger.settle(lease_id, 5)
+        assert wait_until(lambda: used(other) == 5)
+    finally:
+        ledger.close()
 
 
 def test_a_batch_written_twice_counts_once(behind, other):
@@ -127,17 +137,131 @@ def test_a_failed_write_keeps_everything_for_the_next(behind, other, monkeypatch
     running, _ = behind.admit(APP, 60, "large", this_process())
     engine_write = behind._write_batch
 
-    def broken(batch, expires):
-        raise SchedulerError("the disk is full")
+    def unreachable(batch, expires):
+        raise LedgerUnreachable("the server is gone")
 
-    monkeypatch.setattr(behind, "_write_batch", broken)
-    with pytest.raises(SchedulerError, match="the disk is full"):
+    monkeypatch.setattr(behind, "_write_batch", unreachable)
+    with pytest.raises(SchedulerError, match="the server is gone"):
         behind.write_behind()
     monkeypatch.setattr(behind, "_write_batch", engine_write)
     behind.write_behind()
     assert used(other) == 5 and rows(other) == {running}
     behind.settle(running, 2)
     assert used(other) == 7 and rows(other) == set()
+
+
+def test_a_write_whose_answer_was_lost_ends_its_calls_in_the_ledger(behind, other, monkeypatch):
+    ended, _ = behind.admit(APP, 60, "large", this_process())
+    behind.settle(ended, 5)
+    running, _ = behind.admit(APP, 60, "large", this_process())
+    engine_write = behind._write_batch
+
+    def committed_then_lost(batch, expires):
+        engine_write(batch, expires)
+        raise LedgerUnreachable("the answer was lost")
+
+    monkeypatch.setattr(behind, "_write_batch", committed_then_lost)
+    with pytest.raises(SchedulerError, match="the answer was lost"):
+        behind.write_behind()
+    monkeypatch.setattr(behind, "_write_batch", engine_write)
+    assert rows(other) == {running} and used(other) == 5  # it did go through
+    behind.settle(running, 2)  # maybe written: ended in the ledger, not only here
+    behind.write_behind()  # the failed batch's charge again: counted once
+    assert rows(other) == set() and used(other) == 7
+
+
+def test_what_the_ledger_refuses_alone_is_dropped_and_the_rest_written(behind, other, monkeypatch, caplog):
+    bad = Identity("bad", "app")
+    engine_write = behind._write_batch
+
+    def refusing(batch, expires):
+        if any(charge.identity == bad for charge in batch.charges):
+            raise SchedulerError("the ledger refuses this user")
+        return engine_write(batch, expires)
+
+    monkeypatch.setattr(behind, "_write_batch", refusing)
+    for identity, seconds in ((APP, 5), (bad, 3)):
+        lease_id, _ = behind.admit(identity, 60, "large", this_process())
+        behind.settle(lease_id, seconds)
+    running, _ = behind.admit(APP, 60, "large", this_process())
+    with caplog.at_level(logging.ERROR, logger="zerogpu.schedule.quota"):
+        behind.write_behind()
+    assert "the charge of 3 s to 'bad' could not be written" in caplog.text
+    assert used(other) == 5 and used(other, bad) == 0 and rows(other) == {running}
+    behind.settle(running, 1)
+    behind.write_behind()  # nothing of the refused charge is left to block this one
+    assert used(other) == 6 and rows(other) == set()
+
+
+def test_a_read_goes_on_when_the_write_before_it_fails(behind, monkeypatch, caplog):
+    lease_id, _ = behind.admit(FREE, 60, "large", this_process())
+    behind.settle(lease_id, 4)
+
+    def unreachable(batch, expires):
+        raise LedgerUnreachable("the server is gone")
+
+    monkeypatch.setattr(behind, "_write_batch", unreachable)
+    held, _ = behind.admit(APP, 60, "large", this_process())
+    with caplog.at_level(logging.WARNING, logger="zerogpu.schedule.quota"):
+        assert used(behind, FREE) == 4
+    assert "read without them" in caplog.text
+    behind.settle(held, None)
+
+
+def test_a_closed_ledger_admits_nothing_more(behind):
+    behind.close()
+    with pytest.raises(SchedulerError, match="closed"):
+        behind.admit(APP, 60, "large", this_process())
+
+
+def test_calls_ending_and_moving_while_writes_fail_leave_no_row_and_count_once(behind, other, monkeypatch):
+    """Threads admit, place and end calls while a writer writes, one write in three failing before or
+    after its commit (an answer lost): in the end no reservation is left and every second counts once."""
+    engine_write = behind._write_batch
+    chance = random.Random(7)
+
+    def unreliable(batch, expires):
+        fault = chance.randrange(3)
+        if fault == 0:
+            raise LedgerUnreachable("the server is gone")
+        refused = engine_write(batch, expires)
+        if fault == 1:
+            raise LedgerUnreachable("the answer was lost")
+        return refused
+
+    monkeypatch.setattr(behind, "_write_batch", unreliable)
+    stop = threading.Event()
+
+    def writer():
+        while not stop.is_set():
+            try:
+                behind.write_behind()
+            except SchedulerError:
+                pass
+
+    def caller(index):
+        for _ in range(12):
+            # Five calls running at once, so that writes find some of them held and take them.
+            held = [behind.admit(APP, 60, "large", this_process())[0] for _ in range(5)]
+            time.sleep(0.002)
+            for n, lease_id in enumerate(held):
+                if n % 2:  # a queued call placed: on odd callers under a new id, as a warm worker's
+                    moved = lease_id + 1 if index % 2 else lease_id
+                    behind.place(lease_id, 0, index, new_id=moved)
+                    lease_id = moved
+                behind.settle(lease_id, 1)
+
+    threads = [threading.Thread(target=writer)] + [threading.Thread(target=caller, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads[1:]:
+        thread.join()
+    stop.set()
+    threads[0].join()
+    monkeypatch.setattr(behind, "_write_batch", engine_write)
+    behind.write_behind()
+    assert rows(other) == set()
+    assert used(other) == 4 * 12 * 5
 
 
 def test_an_outage_keeps_the_calls_behind_until_the_server_is_back(postgres_server, postgres_url):
@@ -195,13 +319,20 @@ def test_a_call_that_ends_or_moves_while_its_row_is_written_waits_for_the_write(
 
 
 HELPER = textwrap.dedent("""
-    import os, sys
+    import atexit, os, sys
     from zerogpu.identity import Identity
+    from zerogpu.schedule import quota
     from zerogpu.schedule.ledger import open_ledger
     from zerogpu.schedule.quota import this_process
 
-    ledger = open_ledger(sys.argv[1], write_behind=True)
-    lease_id, _ = ledger.admit(Identity("my-app", "app"), 60, "large", this_process())
+    APP = Identity("my-app", "app")
+    quota.WRITE_BEHIND = 3600.0  # no write but the ones this script makes
+    late = []
+    # Registered before the ledger's own exit hook, so it runs after it: a call that the app's
+    # exit ends (its warm workers, its teardown) after the last write.
+    atexit.register(lambda: [ledger.settle(lease_id, 2) for lease_id in late])
+    ledger = open_ledger(sys.argv[1], write_behind=True, lease_timeout=3600.0)
+    lease_id, _ = ledger.admit(APP, 60, "large", this_process())
     ledger.settle(lease_id, 5)
     if sys.argv[2] == "fork":
         child = os.fork()
@@ -210,19 +341,22 @@ HELPER = textwrap.dedent("""
             sys.exit(0)  # and not at its exit either
         os.waitpid(child, 0)
         other = open_ledger(sys.argv[1])
-        print(other.balance(Identity("my-app", "app")).used, flush=True)
+        print(other.balance(APP).used, flush=True)
         other.close()
+    if sys.argv[2] == "late":
+        late.append(ledger.admit(APP, 60, "large", this_process())[0])
     # and no close(): the exit writes them
 """)
 
 
-@pytest.mark.parametrize("how", ["exit", "fork"])
-def test_the_calls_kept_behind_are_written_at_exit_by_their_own_process_only(place, other, how):
+@pytest.mark.parametrize("how, charged", [("exit", 5), ("fork", 5), ("late", 7)])
+def test_the_calls_kept_behind_are_written_at_exit_by_their_own_process_only(place, other, how, charged):
     done = subprocess.run([sys.executable, "-c", HELPER, place, how], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     if how == "fork":
         assert float(done.stdout) == 0  # nothing written by the child
-    assert used(other) == 5  # written once, by the parent's exit
+    assert used(other) == charged  # written once, by the parent's exit
+    assert rows(other) == set()
 
 
 def test_an_apps_embedded_scheduler_writes_behind_and_a_daemons_ledger_does_not(tmp_path, monkeypatch):

@@ -31,11 +31,13 @@ app's account, by default) behind, in batches: see zerogpu.schedule.write_behind
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import math
 import os
 import threading
 import time
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import replace
@@ -96,7 +98,9 @@ class QuotaLedger(ABC):
         self._behind = Behind() if write_behind else None
         self._pid = os.getpid()  # a forked child must not write its parent's calls
         if self._behind is not None:
-            atexit.register(self._write_at_exit)
+            # Weakly: a ledger nobody closed must not live on for its exit hook.
+            self._at_exit = functools.partial(_write_last_at_exit, weakref.ref(self))
+            atexit.register(self._at_exit)
 
     def start_renewing(self) -> None:
         """Start the thread that renews reservations (engines call it once open)."""
@@ -124,7 +128,9 @@ class QuotaLedger(ABC):
         cost = self.policy.cost(duration, size)
         limit = self.policy.daily_quota[identity.tier]
         if self._behind is not None and math.isinf(limit):
-            return self._admit_behind(identity, duration, size, cost, owner, lease_id, device, slot), limit
+            lease = self._admit_behind(identity, duration, size, cost, owner, lease_id, device, slot)
+            if lease is not None:
+                return lease, limit
         swept = False
         while True:
             now = self.clock()
@@ -153,7 +159,9 @@ class QuotaLedger(ABC):
             swept = True
 
     def _admit_behind(self, identity: Identity, duration: float, size: str, cost: float, owner: Owner,
-                      lease_id: int | None, device: int | None, slot: int | None) -> int:
+                      lease_id: int | None, device: int | None, slot: int | None) -> int | None:
+        """Admit a call of an identity with no daily quota without writing it; None once the last write
+        was made (it is then admitted in the ledger, as any other)."""
         now = self.clock()
         with self._state_lock:
             row_id = lease_id if lease_id is not None else new_id()
@@ -167,8 +175,11 @@ class QuotaLedger(ABC):
                 expires=now + self.lease_timeout, ticket=new_ticket(),
             )
             self._mine[row_id] = row
-        self._behind.hold(row)
-        return row_id
+        if self._behind.hold(row):
+            return row_id
+        with self._state_lock:
+            del self._mine[row_id]
+        return None
 
     def _refusal(self, identity, duration, size, cost, limit, used, reserved, now, last_end) -> QuotaExceeded:
         left = max(limit - used - reserved, 0.0)
@@ -243,20 +254,59 @@ class QuotaLedger(ABC):
 
         Reservations of calls running now stay: they are charged as usual when the calls end.
         """
-        self.write_behind()
+        self._write_first()
         return self._reset(day_of(self.clock()), user)
 
     def write_behind(self) -> None:
-        """Write the calls kept behind now (see zerogpu.schedule.write_behind); readers call it first."""
-        if self._behind is None or os.getpid() != self._pid:
-            return
-        self._behind.write(lambda batch: self._write_batch(batch, self.clock() + self.lease_timeout))
+        """Write the calls kept behind now (see zerogpu.schedule.write_behind)."""
+        if self._behind is not None and os.getpid() == self._pid:
+            self._behind.write(self._write_kept)
 
-    def _write_at_exit(self) -> None:
+    def _write_first(self) -> None:
+        # What this process reads includes what it holds behind; a write that fails must not keep
+        # it from reading the rest.
         try:
             self.write_behind()
         except SchedulerError as error:
-            log.error("the last calls of unlimited accounts could not be written to %s: %s", self.where, error)
+            log.warning("the calls kept behind could not be written to %s (%s): read without them", self.where,
+                        error)
+
+    def _write_last(self) -> None:
+        if self._behind is None or os.getpid() != self._pid:
+            return
+        try:
+            self._behind.close(self._write_kept)
+        except Exception as error:  # noqa: BLE001 - at close and exit: say what is lost, go on
+            log.error("the last charges of accounts with no daily quota could not be written to %s; they are "
+                      "lost: %s", self.where, error)
+
+    def _write_kept(self, batch: Batch) -> set[int]:
+        """Write `batch`; if the ledger refuses it (not an outage: that keeps it all for the next
+        write), write its parts one by one and drop, saying so, the parts it refuses alone."""
+        expires = self.clock() + self.lease_timeout
+        try:
+            return self._write_batch(batch, expires)
+        except LedgerUnreachable:
+            raise
+        except SchedulerError as error:
+            if len(batch.rows) + len(batch.charges) == 1:
+                parts = [batch]
+            else:
+                log.warning("writing %d calls kept behind failed (%s): writing them one by one",
+                            len(batch.rows) + len(batch.charges), error)
+                parts = [Batch([row], []) for row in batch.rows] + [Batch([], [c]) for c in batch.charges]
+        refused: set[int] = set()
+        for part in parts:
+            try:
+                refused |= self._write_batch(part, expires)
+            except LedgerUnreachable:
+                raise
+            except SchedulerError as error:
+                # A row dropped is ended in the ledger when its call ends; a charge dropped is lost.
+                what = (f"the reservation of lease {part.rows[0].id}" if part.rows else
+                        f"the charge of {part.charges[0].seconds:g} s to {part.charges[0].identity.user!r}")
+                log.error("%s could not be written to %s and is dropped: %s", what, self.where, error)
+        return refused
 
     def flush(self) -> int:
         """Write the ends of calls an outage held back; return how many are still waiting."""
@@ -316,13 +366,13 @@ class QuotaLedger(ABC):
 
     def balance(self, identity: Identity) -> Balance:
         """How much of its quota `identity` has used, reserved and left today."""
-        self.write_behind()
+        self._write_first()
         used, reserved = self._balance(identity, day_of(self.clock()))
         return Balance(identity, self.policy.daily_quota[identity.tier], used, reserved)
 
     def balances(self) -> list[Balance]:
         """Every identity that used or reserved quota today, most used first."""
-        self.write_behind()
+        self._write_first()
         return [
             Balance(Identity(user, tier), self.policy.daily_quota[tier], used, reserved)
             for user, tier, used, reserved in self._balances(day_of(self.clock()))
@@ -331,7 +381,7 @@ class QuotaLedger(ABC):
 
     def reservations(self, holder: str | None = None) -> list[Reservation]:
         """Calls admitted and not ended, of one holder or of all, oldest first."""
-        self.write_behind()
+        self._write_first()
         return self._reservations(holder)
 
     def sweep(self) -> int:
@@ -344,8 +394,8 @@ class QuotaLedger(ABC):
         if self._renewer is not None and self._renewer is not threading.current_thread():
             self._renewer.join(5)
         if self._behind is not None:
-            atexit.unregister(self._write_at_exit)
-            self._write_at_exit()
+            atexit.unregister(self._at_exit)
+            self._write_last()
         if self.pending() and self.flush():
             log.error("%d ends of calls could not be written to %s; their charges are lost",
                       self.pending(), self.where)
@@ -411,6 +461,13 @@ class QuotaLedger(ABC):
 
     @abstractmethod
     def _close(self) -> None: ...
+
+
+def _write_last_at_exit(ledger: weakref.ref[QuotaLedger]) -> None:
+    """At exit: the last write of a ledger that writes behind, if it is still there."""
+    alive = ledger()
+    if alive is not None:
+        alive._write_last()
 
 
 class DuplicateLease(Exception):

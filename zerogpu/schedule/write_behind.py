@@ -11,7 +11,10 @@ it closes and at exit, in one transaction:
   another process shows it; its end is then written as any other);
 - a call that ended before is never a row: only its charge is written,
   summed per identity and day under one ticket, so that a batch written
-  twice (retried after an outage) counts once.
+  twice (retried after an outage) counts once;
+- the last write, at close or exit, takes the charges only: calls that end
+  after it are written as they end, as a ledger that does not write behind
+  writes them.
 
 What another process reads is thus at most WRITE_BEHIND seconds late, and a
 crash of the app loses at most that much of the charges no quota counts.
@@ -58,83 +61,108 @@ class Behind:
 
     `hold` and `end` are the calls' side (a dict operation each); `write`
     is the writer's, one at a time. A call that ends or moves while its row
-    is being written waits for that write, then goes to the ledger as any
-    written row does.
+    is being written waits until no write runs: its row is then either here
+    or in the ledger, where it is ended as any written row is. So is one a
+    failed write may have written after all (its answer lost), and, once
+    `close` made the last write, every call still held.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._write_lock = threading.Lock()  # held for the whole of a write
+        self._write_lock = threading.Lock()  # held for the whole of a write; taken before _lock
         self._rows: dict[int, Reservation] = {}
         self._seconds: defaultdict[tuple[Identity, str], float] = defaultdict(float)
         self._charges: list[Charge] = []  # charges of a write that failed, with their tickets
-        self._writing: set[int] = set()
+        self._writing: set[int] = set()  # the rows a write is taking to the ledger now
+        self._uncertain: set[int] = set()  # rows a failed write may have written all the same
+        self._closed = False
 
-    def hold(self, row: Reservation) -> None:
+    def hold(self, row: Reservation) -> bool:
+        """Keep `row` here; False once closed (the caller writes it as usual)."""
         with self._lock:
+            if self._closed:
+                return False
             self._rows[row.id] = row
+            return True
 
-    def holds(self, lease_id: int) -> bool:
-        with self._lock:
-            return lease_id in self._rows or lease_id in self._writing
+    def end(self, lease_id: int, seconds: float) -> bool:
+        """End a held call, charging `seconds`; False if the caller must end it in the ledger."""
+        def charge(row: Reservation) -> None:
+            if seconds:
+                self._seconds[row.identity, row.day] += seconds
 
-    def end(self, lease_id: int, seconds: float | None) -> bool:
-        """End a held call, charging `seconds` (None: nothing); False if its row is in the ledger."""
-        return self._settled(lease_id, lambda row: self._charge(row, seconds))
+        return self._settle(lease_id, charge)
 
     def move(self, lease_id: int, moved: Reservation) -> bool:
-        """Replace a held call's row by `moved` (placed, maybe under a new id); False if it is in the ledger."""
+        """Replace a held call's row by `moved` (placed, maybe under a new id); False if the caller must
+        move it in the ledger."""
         def replace(row: Reservation) -> None:
             self._rows[moved.id] = moved
 
-        return self._settled(lease_id, replace)
+        return self._settle(lease_id, replace)
 
-    def _settled(self, lease_id: int, then: Callable[[Reservation], None]) -> bool:
-        for attempt in (1, 2):
-            with self._lock:
-                row = self._rows.pop(lease_id, None)
-                if row is not None:
-                    then(row)
-                    return True
-                if lease_id not in self._writing or attempt == 2:
-                    return False
-            # Its row is being written: once that write is done, it is in the ledger (or back here).
-            with self._write_lock:
-                pass
-        return False
+    def _settle(self, lease_id: int, then: Callable[[Reservation], None]) -> bool:
+        with self._lock:
+            if lease_id not in self._writing:
+                return self._settle_here(lease_id, then)
+        # Its row is being written: with no write running, where it is cannot change.
+        with self._write_lock, self._lock:
+            return self._settle_here(lease_id, then)
 
-    def _charge(self, row: Reservation, seconds: float | None) -> None:
-        if seconds:
-            self._seconds[row.identity, row.day] += seconds
+    def _settle_here(self, lease_id: int, then: Callable[[Reservation], None]) -> bool:
+        # Under _lock, with no write taking this row.
+        row = self._rows.pop(lease_id, None)
+        if row is None:
+            return False  # written: the ledger has it
+        if self._closed or lease_id in self._uncertain:
+            self._uncertain.discard(lease_id)
+            return False  # the ledger ends it: once per ticket, written or not
+        then(row)
+        return True
 
     def write(self, write_batch: Callable[[Batch], set[int]]) -> None:
         """Hand what is held to `write_batch(batch) -> ids of rows refused`; keep it all if that raises."""
         with self._write_lock:
-            with self._lock:
-                batch = Batch(list(self._rows.values()), self._charges)
-                batch.charges += [Charge(new_ticket(), identity, day, seconds)
-                                  for (identity, day), seconds in self._seconds.items()]
-                self._rows.clear()
-                self._seconds.clear()
-                self._charges = []
-                self._writing = {row.id for row in batch.rows}
-            refused: set[int] = set()
+            self._write(write_batch, rows=True)
+
+    def close(self, write_batch: Callable[[Batch], set[int]]) -> None:
+        """The last write, of the charges only; from now on every call goes to the ledger as it comes and
+        ends. Rows held stay unwritten: their calls end in the ledger, charged from what the caller knows."""
+        with self._write_lock:
             try:
-                if batch:
-                    refused = write_batch(batch)
-            except BaseException:
-                with self._lock:
-                    for row in batch.rows:
-                        self._rows.setdefault(row.id, row)
-                    self._charges = batch.charges + self._charges
-                raise
+                self._write(write_batch, rows=False)
             finally:
                 with self._lock:
-                    for row in batch.rows:
-                        if row.id in refused:
-                            self._rows.setdefault(row.id, row)
-                    self._writing = set()
+                    self._closed = True
 
-    def __len__(self) -> int:
+    def _write(self, write_batch: Callable[[Batch], set[int]], *, rows: bool) -> None:
         with self._lock:
-            return len(self._rows) + len(self._seconds) + len(self._charges)
+            # In a fixed order, so that two processes writing at once cannot deadlock on the same rows.
+            taken = sorted(self._rows.values(), key=lambda row: row.id) if rows else []
+            charges = self._charges + [Charge(new_ticket(), identity, day, seconds)
+                                       for (identity, day), seconds in self._seconds.items()]
+            charges.sort(key=lambda c: (c.identity.user, c.identity.tier, c.day))
+            batch = Batch(taken, charges)
+            for row in taken:
+                del self._rows[row.id]
+            self._seconds.clear()
+            self._charges = []
+            self._writing = {row.id for row in taken}
+        try:
+            refused = write_batch(batch) if batch else set()
+        except BaseException:
+            with self._lock:
+                for row in taken:
+                    self._rows.setdefault(row.id, row)
+                self._uncertain |= self._writing  # a lost answer: the write may have gone through
+                self._charges = batch.charges + self._charges
+            raise
+        else:
+            with self._lock:
+                for row in taken:
+                    if row.id in refused:
+                        self._rows.setdefault(row.id, row)
+                self._uncertain -= self._writing
+        finally:
+            with self._lock:
+                self._writing = set()
