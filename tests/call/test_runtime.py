@@ -435,6 +435,29 @@ def test_unpicklable_arguments_fail_before_a_device_is_taken(gpu, monkeypatch):
     assert acquired == []
 
 
+def fails_in_the_worker():
+    from zerogpu.call.child import in_worker
+
+    if in_worker():
+        raise ValueError("only the caller can rebuild this")
+    return "rebuilt"
+
+
+class RebuiltOnlyInTheCaller:
+    def __reduce__(self):
+        return (fails_in_the_worker, ())
+
+
+def test_arguments_the_worker_cannot_rebuild_are_a_serialization_error(gpu):
+    @zerogpu.GPU
+    def takes(value):
+        return "ran"
+
+    with pytest.raises(zerogpu.SerializationError, match="could not be rebuilt in the worker.*only the caller"):
+        takes(RebuiltOnlyInTheCaller())
+    assert takes(1) == "ran"  # the worker, still warm, takes the next call
+
+
 def test_unpicklable_result_names_its_type(gpu):
     @zerogpu.GPU
     def gives_lock():

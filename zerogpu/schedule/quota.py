@@ -289,12 +289,12 @@ class QuotaLedger(ABC):
         except LedgerUnreachable:
             raise
         except SchedulerError as error:
-            if len(batch.rows) + len(batch.charges) == 1:
-                parts = [batch]
-            else:
-                log.warning("writing %d calls kept behind failed (%s): writing them one by one",
-                            len(batch.rows) + len(batch.charges), error)
-                parts = [Batch([row], []) for row in batch.rows] + [Batch([], [c]) for c in batch.charges]
+            failure = error
+        parts = batch.parts()
+        if len(parts) == 1:
+            self._drop(batch, failure)
+            return set()
+        log.warning("writing %d calls kept behind failed (%s): writing them one by one", len(parts), failure)
         refused: set[int] = set()
         for part in parts:
             try:
@@ -302,11 +302,14 @@ class QuotaLedger(ABC):
             except LedgerUnreachable:
                 raise
             except SchedulerError as error:
-                # A row dropped is ended in the ledger when its call ends; a charge dropped is lost.
-                what = (f"the reservation of lease {part.rows[0].id}" if part.rows else
-                        f"the charge of {part.charges[0].seconds:g} s to {part.charges[0].identity.user!r}")
-                log.error("%s could not be written to %s and is dropped: %s", what, self.where, error)
+                self._drop(part, error)
         return refused
+
+    def _drop(self, part: Batch, error: SchedulerError) -> None:
+        # A row dropped is ended in the ledger when its call ends; a charge dropped is lost.
+        what = (f"the reservation of lease {part.rows[0].id}" if part.rows else
+                f"the charge of {part.charges[0].seconds:g} s to {part.charges[0].identity.user!r}")
+        log.error("%s could not be written to %s and is dropped: %s", what, self.where, error)
 
     def flush(self) -> int:
         """Write the ends of calls an outage held back; return how many are still waiting."""

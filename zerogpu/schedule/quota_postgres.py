@@ -298,18 +298,17 @@ class PostgresLedger(QuotaLedger):
         def write(db) -> set[int]:
             refused = set()
             for row in batch.rows:
-                inserted = db.execute(
-                    f"INSERT INTO zerogpu_leases ({COLUMNS}) VALUES "
-                    "(%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) ON CONFLICT (id) DO NOTHING",
+                # The same row written before (same ticket: an earlier try whose answer was lost) gets its
+                # expiry; another row with its id refuses it.
+                if not db.execute(
+                    f"INSERT INTO zerogpu_leases AS l ({COLUMNS}) VALUES "
+                    "(%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) ON CONFLICT (id) DO UPDATE"
+                    " SET expires = excluded.expires WHERE l.ticket = excluded.ticket",
                     (row.id, row.identity.user, row.identity.tier, row.day, row.size, row.duration, row.cost,
                      row.device, row.slot, row.holder, row.owner.pid, row.owner.started, row.started, row.node,
                      expires, row.ticket),
-                ).rowcount
-                if not inserted:
-                    # Written by an earlier try of this batch whose answer was lost, or another's id.
-                    found = db.execute("SELECT ticket FROM zerogpu_leases WHERE id=%s", (row.id,)).fetchone()
-                    if found is None or found[0] != row.ticket:
-                        refused.add(row.id)
+                ).rowcount:
+                    refused.add(row.id)
             for charge in batch.charges:
                 if db.execute("INSERT INTO zerogpu_charges VALUES (%s,%s,%s) ON CONFLICT DO NOTHING",
                               (charge.ticket, charge.day, charge.seconds)).rowcount:

@@ -210,11 +210,13 @@ class SQLiteLedger(QuotaLedger):
         return self._grouped(reserve)
 
     @staticmethod
-    def _insert(db: sqlite3.Connection, row: Reservation, *, or_not: str = "") -> bool:
-        """Insert `row`; False if another row has its id and `or_not` is " ON CONFLICT DO NOTHING"."""
+    def _insert(db: sqlite3.Connection, row: Reservation, *, again: bool = False) -> bool:
+        """Insert `row`. With `again`, the same row written before (same ticket: an earlier try whose
+        answer was lost) gets its expiry, and False says that another row has its id."""
+        upsert = " ON CONFLICT (id) DO UPDATE SET expires = excluded.expires WHERE ticket = excluded.ticket"
         try:
             return db.execute(
-                f"INSERT INTO leases ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?){or_not}",
+                f"INSERT INTO leases ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?){upsert if again else ''}",
                 (row.id, row.identity.user, row.identity.tier, row.day, row.size, row.duration, row.cost,
                  row.device, row.slot, row.holder, row.owner.pid, row.owner.started, row.started, row.node,
                  min(row.expires, 1e300), row.ticket),
@@ -260,13 +262,7 @@ class SQLiteLedger(QuotaLedger):
 
     def _write_batch(self, batch: Batch, expires: float) -> set[int]:
         def write(db: sqlite3.Connection) -> set[int]:
-            refused = set()
-            for row in batch.rows:
-                if not self._insert(db, replace(row, expires=expires), or_not=" ON CONFLICT DO NOTHING"):
-                    # Written by an earlier try of this batch whose answer was lost, or another's id.
-                    found = db.execute("SELECT ticket FROM leases WHERE id=?", (row.id,)).fetchone()
-                    if found is None or found[0] != row.ticket:
-                        refused.add(row.id)
+            refused = {row.id for row in batch.rows if not self._insert(db, replace(row, expires=expires), again=True)}
             for charge in batch.charges:
                 self._charge(db, charge.ticket, charge.identity, charge.day, charge.seconds)
             return refused

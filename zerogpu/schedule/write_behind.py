@@ -55,6 +55,10 @@ class Batch:
     def __bool__(self) -> bool:
         return bool(self.rows or self.charges)
 
+    def parts(self) -> list[Batch]:
+        """One batch per row and per charge."""
+        return [Batch([row], []) for row in self.rows] + [Batch([], [charge]) for charge in self.charges]
+
 
 class Behind:
     """The reservations and charges not written yet; thread-safe.
@@ -91,7 +95,7 @@ class Behind:
             if seconds:
                 self._seconds[row.identity, row.day] += seconds
 
-        return self._settle(lease_id, charge)
+        return self._apply(lease_id, charge)
 
     def move(self, lease_id: int, moved: Reservation) -> bool:
         """Replace a held call's row by `moved` (placed, maybe under a new id); False if the caller must
@@ -99,17 +103,18 @@ class Behind:
         def replace(row: Reservation) -> None:
             self._rows[moved.id] = moved
 
-        return self._settle(lease_id, replace)
+        return self._apply(lease_id, replace)
 
-    def _settle(self, lease_id: int, then: Callable[[Reservation], None]) -> bool:
+    def _apply(self, lease_id: int, then: Callable[[Reservation], None]) -> bool:
+        """`then(row)` for a call held here, under the lock; False if the ledger must have the change."""
         with self._lock:
             if lease_id not in self._writing:
-                return self._settle_here(lease_id, then)
+                return self._apply_here(lease_id, then)
         # Its row is being written: with no write running, where it is cannot change.
         with self._write_lock, self._lock:
-            return self._settle_here(lease_id, then)
+            return self._apply_here(lease_id, then)
 
-    def _settle_here(self, lease_id: int, then: Callable[[Reservation], None]) -> bool:
+    def _apply_here(self, lease_id: int, then: Callable[[Reservation], None]) -> bool:
         # Under _lock, with no write taking this row.
         row = self._rows.pop(lease_id, None)
         if row is None:
